@@ -1,0 +1,200 @@
+"""Source-independent ingest rules (ODMT section 7), applied the same way to every adapter.
+
+Rules, in order (each dropped row is counted by reason in the report):
+0. Optionally only the first `sample_users` users are kept (`not_sampled`), for quick trials.
+1. Interactions with a null user, item or timestamp are dropped (`missing_value`); exact
+   duplicates of (user, item, timestamp) are dropped (`duplicate`).
+2. Items: a duplicated item key keeps its first row (`duplicate_item`). Interactions with an
+   item that has no metadata row are dropped (`unknown_item`): ODMT needs its content.
+3. Each user's history is ordered by (timestamp, item key in natural order), so ties repeat.
+   Users with fewer than `min_user_interactions` are dropped (`short_user`); of the rest only
+   the last `max_user_interactions` are kept (`truncated`).
+4. Items no longer used are dropped; the rest are re-indexed 1..N in natural key order (0 is
+   padding). Users are indexed 0..U-1 in natural key order.
+5. Leave-one-out: test = last item, valid = second to last, train = the rest. Popularity is
+   counted over train items only.
+Items keep a missing text or image: their features are zero and flagged (`present` false);
+the counts appear in the report. Image files are packed into Parquet as encoded bytes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from .. import schema
+from ..io import write_json, write_table
+from ..progress import Progress, log
+from .adapters.base import RawSource
+
+
+@dataclass(frozen=True)
+class SplitRules:
+    min_user_interactions: int = 5
+    max_user_interactions: int = 15
+    max_image_bytes: int = 20_000_000  # a larger file is refused as a likely bomb / wrong file
+    sample_users: int | None = None  # keep only the first N users (natural key order): quick trials
+
+
+@dataclass
+class Ingested:
+    items: pl.DataFrame
+    images: pa.Table
+    interactions: pl.DataFrame
+    sequences: pl.DataFrame
+    popularity: pl.DataFrame
+    report: dict
+
+
+def natural_order(keys: pl.Series) -> pl.Series:
+    """Sort rank of keys: numerically when every key is an integer, else lexicographically."""
+    numeric = keys.cast(pl.Int64, strict=False)
+    by = numeric if numeric.null_count() == 0 else keys
+    return by.rank(method="dense").cast(pl.Int64)
+
+
+def clean(raw: RawSource, rules: SplitRules) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
+    """Steps 1-4: returns (items with item_idx, interactions with user/item idx), drop counts."""
+    dropped = Counter(raw.dropped)
+    inter = raw.interactions
+    n = inter.height
+    inter = inter.drop_nulls()
+    dropped["missing_value"] += n - inter.height
+    n = inter.height
+    inter = inter.unique(maintain_order=True)
+    dropped["duplicate"] += n - inter.height
+
+    if rules.sample_users is not None:
+        first = inter.select(pl.col("user_key").unique())
+        first = first.filter(natural_order(first["user_key"]) <= rules.sample_users)
+        n = inter.height
+        inter = inter.join(first, on="user_key", how="semi")
+        dropped["not_sampled"] += n - inter.height
+
+    items = raw.items.filter(pl.col("item_key").is_not_null())
+    n = items.height
+    items = items.unique("item_key", keep="first", maintain_order=True)
+    dropped["duplicate_item"] += n - items.height
+
+    n = inter.height
+    inter = inter.join(items.select("item_key"), on="item_key", how="semi")
+    dropped["unknown_item"] += n - inter.height
+
+    rank = items.select("item_key", natural_order(items["item_key"]).alias("key_rank"))
+    inter = inter.join(rank, on="item_key").sort(["user_key", "timestamp", "key_rank"])
+    counts = inter.group_by("user_key").len()
+    short = counts.filter(pl.col("len") < rules.min_user_interactions)
+    dropped["short_user"] += int(short["len"].sum() or 0)
+    dropped["short_user_users"] += short.height
+    inter = inter.join(short.select("user_key"), on="user_key", how="anti")
+    n = inter.height
+    from_end = pl.len().over("user_key").cast(pl.Int64) - pl.int_range(pl.len()).over("user_key")  # 1 = last
+    inter = inter.filter(from_end <= rules.max_user_interactions)
+    dropped["truncated"] += n - inter.height
+
+    used = items.join(inter.select("item_key").unique(), on="item_key", how="semi")
+    dropped["unused_item"] += items.height - used.height
+    items = used.join(rank, on="item_key").sort("key_rank").with_row_index("item_idx", offset=1)
+    users = inter.select("user_key").unique()
+    users = users.with_columns(natural_order(users["user_key"]).alias("user_rank")).sort("user_rank")
+    users = users.with_row_index("user_idx").drop("user_rank")
+    inter = (
+        inter.join(items.select("item_key", "item_idx"), on="item_key")
+        .join(users, on="user_key")
+        .sort(["user_idx", "timestamp", "key_rank"])
+        .with_columns(pl.int_range(pl.len()).over("user_idx").alias("position"))
+    )
+    return items.drop("key_rank"), inter, dropped
+
+
+def split(inter: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Step 5: leave-one-out sequences and train-only popularity."""
+    seqs = (
+        inter.group_by("user_idx", maintain_order=True)
+        .agg(pl.col("user_key").first(), pl.col("item_idx"))
+        .select(
+            "user_idx",
+            "user_key",
+            pl.col("item_idx").list.slice(0, pl.col("item_idx").list.len() - 2).alias("train_items"),
+            pl.col("item_idx").list.get(-2).alias("valid_item"),
+            pl.col("item_idx").list.get(-1).alias("test_item"),
+        )
+    )
+    counts = seqs.select(pl.col("train_items").explode().alias("item_idx")).group_by("item_idx").len("train_count")
+    all_items = inter.select("item_idx").unique()
+    popularity = all_items.join(counts, on="item_idx", how="left").fill_null(0).sort("item_idx")
+    return seqs, popularity
+
+
+def pack_images(items: pl.DataFrame, max_bytes: int, dropped: Counter) -> tuple[pa.Table, list[bool]]:
+    """Read each item's local image file into bytes; missing or unreadable ones are counted."""
+    data: list[bytes | None] = []
+    progress = Progress("ingest: packing images", total=items.height)
+    for path, url in zip(items["image_path"], items["image_url"]):
+        data.append(_read_image(path, url, max_bytes, dropped))
+        progress.update(1)
+    progress.close()
+    table = pa.table({"item_idx": pa.array(items["item_idx"].to_numpy(), pa.int32()), "image": pa.array(data, pa.binary())})
+    return table, [d is not None for d in data]
+
+
+def _read_image(path: str | None, url: str | None, max_bytes: int, dropped: Counter) -> bytes | None:
+    if path is None:
+        dropped["image_url_only" if url else "image_none"] += 1
+        return None
+    file = Path(path)
+    if not file.is_file():
+        dropped["image_missing"] += 1
+        return None
+    if file.stat().st_size > max_bytes:
+        dropped["image_too_large"] += 1
+        return None
+    try:
+        with Image.open(file) as img:  # header only: full decoding is the image stage's job
+            img.format  # noqa: B018
+        return file.read_bytes()
+    except (UnidentifiedImageError, OSError):
+        dropped["image_unreadable"] += 1
+        return None
+
+
+def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
+    rows_read = raw.interactions.height + sum(v for k, v in raw.dropped.items())
+    items_read = raw.items.height
+    items, inter, dropped = clean(raw, rules)
+    seqs, popularity = split(inter)
+    images, has_image = pack_images(items, rules.max_image_bytes, dropped)
+    items = items.with_columns(
+        pl.col("title").fill_null(""),
+        pl.col("text").fill_null(""),
+        pl.coalesce("image_path", "image_url").alias("image_ref"),
+        pl.Series("has_image", has_image),
+    )
+    dropped["empty_text"] += items.filter(pl.col("text").str.strip_chars() == "").height
+    dropped["empty_title_and_text"] += items.filter((pl.col("text") + pl.col("title")).str.strip_chars() == "").height
+    report = {
+        "interactions_read": rows_read,
+        "items_read": items_read,
+        "users": seqs.height,
+        "items": items.height,
+        "interactions": inter.height,
+        "train_interactions": int(seqs["train_items"].list.len().sum()),
+        "items_with_image": int(sum(has_image)),
+        "counts": dict(sorted(dropped.items())),
+    }
+    log.info("ingest: %d users, %d items, %d interactions", report["users"], report["items"], report["interactions"])
+    return Ingested(items, images, inter, seqs, popularity, report)
+
+
+def write(result: Ingested, out_dir: Path, report_path: Path, provenance: dict) -> None:
+    write_table(result.items.to_arrow(), out_dir / "items.parquet", schema.ITEMS, provenance)
+    write_table(result.images, out_dir / "images.parquet", schema.IMAGES, provenance)
+    write_table(result.interactions.to_arrow(), out_dir / "interactions.parquet", schema.INTERACTIONS, provenance)
+    write_table(result.sequences.to_arrow(), out_dir / "sequences.parquet", schema.SEQUENCES, provenance)
+    write_table(result.popularity.to_arrow(), out_dir / "popularity.parquet", schema.POPULARITY, provenance)
+    write_json(result.report, report_path)

@@ -1,0 +1,92 @@
+"""Atomic artifact writing: every output appears whole or not at all.
+
+Writers go to a temporary file beside the target and rename it into place at the end, so an
+interrupted stage never leaves a half-written file for DVC (or the next stage) to pick up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+# Fixed writer settings so that equal tables give byte-equal files (DVC hashes, run-cache).
+PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True, use_dictionary=True)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces ``target``, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared files
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def with_metadata(schema: pa.Schema, metadata: dict[str, Any] | None) -> pa.Schema:
+    """Attach provenance as JSON-encoded schema metadata (readable by any Parquet tool)."""
+    if not metadata:
+        return schema
+    encoded = {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    return schema.with_metadata({**(schema.metadata or {}), **{k.encode(): v.encode() for k, v in encoded.items()}})
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON provenance written by :func:`with_metadata`."""
+    raw = pq.read_schema(path).metadata or {}
+    out = {}
+    for k, v in raw.items():
+        key = k.decode()
+        if key == "ARROW:schema":
+            continue
+        try:
+            out[key] = json.loads(v)
+        except json.JSONDecodeError:
+            out[key] = v.decode()
+    return out
+
+
+def write_table(table: pa.Table, path: str | Path, schema: pa.Schema, metadata: dict | None = None) -> None:
+    """Write a whole table with an explicit schema (cast, so a mismatch fails loudly)."""
+    schema = with_metadata(schema, metadata)
+    table = table.select(schema.names).cast(schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+
+
+@contextlib.contextmanager
+def parquet_writer(path: str | Path, schema: pa.Schema, metadata: dict | None = None) -> Iterator[pq.ParquetWriter]:
+    """A streaming writer (one row group per ``write_table``) that lands atomically."""
+    schema = with_metadata(schema, metadata)
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS)
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())

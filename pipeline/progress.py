@@ -1,0 +1,46 @@
+"""Concise progress for long loops: items/s and ETA, at most one line every few seconds."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("pipeline")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+class Progress:
+    """Call ``update(n)`` as work is done; logs rate and ETA every ``every_s`` seconds."""
+
+    def __init__(self, what: str, total: int | None = None, unit: str = "items", every_s: float = 5.0):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s: %s", self.what, self._status(now))
+
+    def close(self) -> float:
+        """Log the final rate and return it (units per second)."""
+        now = time.perf_counter()
+        log.info("%s: done, %s", self.what, self._status(now))
+        return self.rate(now)
+
+    def rate(self, now: float | None = None) -> float:
+        elapsed = (now or time.perf_counter()) - self.start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def _status(self, now: float) -> str:
+        rate = self.rate(now)
+        text = f"{self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}, {rate:.1f} {self.unit}/s"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f", ETA {(self.total - self.done) / rate:.0f}s"
+        return text

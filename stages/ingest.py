@@ -1,0 +1,16 @@
+"""Stage `ingest`: raw source -> data/ingest/*.parquet (items, images, interactions, split)
+and reports/ingest.json (rows read, kept, dropped per reason)."""
+
+from _common import stage_args
+
+from pathlib import Path
+
+from pipeline.config import load_section, to_dict
+from pipeline.ingest import ADAPTERS, IngestConfig, ingest, write
+
+args = stage_args(__doc__)
+config = load_section(IngestConfig, "ingest", args.params)
+raw = ADAPTERS[config.adapter](Path(config.path), config.adapter_options())
+result = ingest(raw, config.rules)
+provenance = {"source": {"adapter": config.adapter, "path": config.path}, "rules": to_dict(config.rules)}
+write(result, Path("data/ingest"), Path("reports/ingest.json"), provenance)

@@ -1,0 +1,70 @@
+"""A tiny synthetic dataset in the canonical formats, shared by the tests of later stages.
+
+`make_toy_dataset(root)` writes what the ingest and feature stages would write:
+root/ingest/{items,sequences,popularity}.parquet and root/features/{text,image}.parquet,
+with a learnable signal (each user walks through the catalogue in steps of one or two).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.io import write_table
+
+
+def make_toy_dataset(
+    root: Path,
+    num_users: int = 24,
+    num_items: int = 30,
+    seq_len: int = 8,
+    text_shape: tuple[int, int] = (4, 6),
+    image_shape: tuple[int, int] = (3, 5),
+    seed: int = 0,
+) -> Path:
+    rng = np.random.default_rng(seed)
+    ingest, features = root / "ingest", root / "features"
+    items = pa.table(
+        {
+            "item_idx": np.arange(1, num_items + 1, dtype=np.int32),
+            "item_key": [f"i{k}" for k in range(1, num_items + 1)],
+            "title": [f"item {k}" for k in range(1, num_items + 1)],
+            "text": [f"text of item {k}" for k in range(1, num_items + 1)],
+            "image_ref": [None] * num_items,
+            "has_image": [False] * num_items,
+        }
+    )
+    write_table(items, ingest / "items.parquet", schema.ITEMS)
+
+    rows = []
+    for user in range(num_users):
+        start, step = rng.integers(1, num_items + 1), 1 + user % 2
+        walk = [int((start - 1 + step * t) % num_items) + 1 for t in range(seq_len)]
+        rows.append((user, f"u{user}", walk[:-2], walk[-2], walk[-1]))
+    users, keys, train, valid, test = zip(*rows)
+    seqs = pa.table({"user_idx": np.array(users, np.int32), "user_key": list(keys), "train_items": list(train), "valid_item": np.array(valid, np.int32), "test_item": np.array(test, np.int32)})
+    write_table(seqs, ingest / "sequences.parquet", schema.SEQUENCES)
+    counts = np.bincount(np.concatenate(train), minlength=num_items + 1)[1:]
+    write_table(pa.table({"item_idx": np.arange(1, num_items + 1, dtype=np.int32), "train_count": counts.astype(np.int64)}), ingest / "popularity.parquet", schema.POPULARITY)
+
+    for name, (num_tokens, dim) in (("text", text_shape), ("image", image_shape)):
+        tokens = rng.standard_normal((num_items, num_tokens * dim)).astype(np.float16)
+        mask = np.ones((num_items, num_tokens), dtype=bool)
+        mask[::3, -1] = False  # some padded text tokens
+        present = np.ones(num_items, dtype=bool)
+        present[-1] = False  # one item without this modality
+        tokens[-1] = 0
+        table = pa.table(
+            {
+                "item_idx": np.arange(1, num_items + 1, dtype=np.int32),
+                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel()), num_tokens * dim),
+                "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.ravel()), num_tokens),
+                "present": present,
+            }
+        )
+        meta = {"modality": name, "encoder": "toy-random", "weights": "none", "num_tokens": num_tokens, "dim": dim, "pooled_only": False, "preprocessing": {}}
+        write_table(table, features / f"{name}.parquet", schema.token_features(num_tokens, dim), meta)
+    return root
