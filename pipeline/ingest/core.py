@@ -164,7 +164,7 @@ def _read_image(path: str | None, url: str | None, max_bytes: int, dropped: Coun
 
 
 def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
-    rows_read = raw.interactions.height + sum(v for k, v in raw.dropped.items())
+    rows_read = raw.interactions.height  # lines an adapter could not parse are in counts
     items_read = raw.items.height
     items, inter, dropped = clean(raw, rules)
     seqs, popularity = split(inter)

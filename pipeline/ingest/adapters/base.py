@@ -83,3 +83,9 @@ def to_int64(frame: pl.DataFrame, column: str, path: Path) -> pl.Series:
         row = int(bad[0])
         raise SourceError(f"{path}: column '{column}' row {row + 1}: expected an integer, got {values[row]!r}")
     return cast
+
+
+def joined_text(columns: list[str] | tuple[str, ...]) -> pl.Expr:
+    """Non-empty values of ``columns`` joined by newlines ("" when all are empty)."""
+    parts = [pl.col(c).cast(pl.String).str.strip_chars().replace("", None) for c in columns]
+    return pl.concat_str(parts, separator="\n", ignore_nulls=True)
