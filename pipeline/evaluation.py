@@ -1,0 +1,105 @@
+"""Metrics from candidates: HR, NDCG and MRR at each cutoff, for the fused ranking and each
+branch, on validation and test, with the protocol written beside the numbers.
+
+A target's rank is its 1-based position in the user's candidate list (history already
+excluded by scoring, over the whole catalogue); a target outside the top K counts as a miss at
+every cutoff, so cutoffs must not exceed K. Metric values are fractions (0..1), means over users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io import read_json
+from pipeline.metrics import summarize
+from pipeline.scoring import SPLITS, SplitUsers, candidate_columns, split_users
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cutoffs in the metrics file
+
+    def validate(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be a non-empty list of cutoffs >= 1, got {self.ks}")
+
+
+def target_ranks(items: pa.ListArray | pa.ChunkedArray, targets: np.ndarray) -> np.ndarray:
+    """(U,) float: 1-based position of ``targets[u]`` in candidate list ``items[u]``, inf if absent."""
+    if isinstance(items, pa.ChunkedArray):
+        items = pa.concat_arrays(items.chunks) if items.num_chunks else pa.array([], items.type)
+    offsets = items.offsets.to_numpy()
+    flat = items.flatten().to_numpy()
+    row = np.repeat(np.arange(len(items)), np.diff(offsets))
+    match = np.flatnonzero(flat == targets[row])  # each item appears at most once per list
+    ranks = np.full(len(items), np.inf)
+    ranks[row[match]] = match - offsets[row[match]] + 1
+    return ranks
+
+
+def split_ranks(candidates: pa.Table, users: SplitUsers, ranking: str, source: str) -> np.ndarray:
+    """Ranks of the split's targets in one ranking of a candidates table (its row order)."""
+    scored = candidates.column("user_idx").to_numpy()
+    if len(scored) != len(users) or not np.array_equal(np.sort(scored), np.sort(users.user_idx)):
+        raise ValueError(
+            f"{source}: candidates for {len(scored)} users but the {users.split} split has {len(users)} "
+            "(or other ones): re-run the score stage for this run"
+        )
+    sorter = np.argsort(users.user_idx)
+    targets = users.targets[sorter[np.searchsorted(users.user_idx, scored, sorter=sorter)]]
+    return target_ranks(candidates.column(candidate_columns(ranking)[0]), targets)
+
+
+def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConfig) -> tuple[dict, list[dict]]:
+    """The metrics file of one run (metrics per split and ranking, protocol, run) and its
+    metrics-against-K rows (fused ranking, every cutoff 1..K) for dvc plots."""
+    scoring = read_json(candidates_dir / "scoring.json")
+    k = scoring["k"]
+    if max(config.ks) > k:
+        raise ValueError(
+            f"evaluate.ks goes up to {max(config.ks)} but {candidates_dir} holds only the top {k} (score.k): "
+            "raise score.k or lower evaluate.ks"
+        )
+    result: dict = {}
+    curve = [{"k": cutoff} for cutoff in range(1, k + 1)]
+    users_per_split, unreachable = {}, {}
+    for split in SPLITS:
+        path = candidates_dir / f"{split}.parquet"
+        users = split_users(sequences, split)
+        candidates = pq.read_table(path)
+        result[split] = {}
+        for ranking in scoring["rankings"]:
+            ranks = split_ranks(candidates, users, ranking, str(path))
+            result[split][ranking] = summarize(ranks, tuple(config.ks))
+            if ranking == "fused":
+                for row in curve:
+                    for name, value in summarize(ranks, (row["k"],)).items():
+                        row[f"{split}_{name.split('@')[0]}"] = value
+        users_per_split[split] = len(users)
+        # A target inside its own history is excluded like the rest: it can never be hit.
+        unreachable[split] = int(sum(t in h for t, h in zip(users.targets, users.histories)))
+    result["protocol"] = {
+        "split": "leave-one-out (valid: history = train items, target = valid item; "
+        "test: history = train + valid items, target = test item)",
+        "full_ranking": True,
+        "items": scoring["items"],
+        "history_excluded": scoring["history_excluded"],
+        "model_input": f"last {scoring['max_len']} history items",
+        "candidates_k": k,
+        "ks": list(config.ks),
+        "users": users_per_split,
+        "targets_in_history": unreachable,
+        "index": scoring["index"]["type"],
+        "metric_scale": "fraction of users (0..1)",
+    }
+    recall = {split: s[f"recall@{k}"] for split, s in scoring["splits"].items() if f"recall@{k}" in s}
+    if recall:
+        result["protocol"][f"index_recall@{k}"] = recall
+    result["run"] = scoring["run"] | {"rankings": scoring["rankings"]}
+    return result, curve
+

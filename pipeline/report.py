@@ -1,0 +1,249 @@
+"""The comparison report: every evaluated run side by side (Markdown), and a page that shows
+what the recommendations look like (self-contained HTML, posters inlined as base64).
+
+Input is the metrics files the evaluate stage writes (one per run, metrics/{run}.json), so
+the report covers whatever runs the DAG evaluated; runs of one variant with different seeds
+are aggregated as mean ± sample standard deviation.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.io import read_json
+from pipeline.scoring import split_users
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    proposed: str = "odmt"  # the variant compared against every other one
+    variants: list[str] = field(default_factory=list)  # table rows in this order; empty = all evaluated runs
+    metrics: list[str] = field(default_factory=lambda: ["hr@10", "ndcg@10", "mrr@10"])  # table columns, per split
+    showcase_run: str = "odmt-s1"  # whose test recommendations the picture shows
+    showcase_users: int = 6  # users shown, evenly spread over the user list
+    history_shown: int = 8  # most recent history items shown per user
+    top_n: int = 10  # recommendations shown per user
+    thumb_height: int = 120  # poster thumbnail height in pixels
+
+    def validate(self) -> None:
+        if min(self.showcase_users, self.history_shown, self.top_n, self.thumb_height) < 1:
+            raise ValueError("showcase_users, history_shown, top_n and thumb_height must be >= 1")
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def load_runs(metrics_dir: Path) -> list[dict]:
+    """Every metrics file in ``metrics_dir``, sorted by run name."""
+    paths = sorted(Path(metrics_dir).glob("*.json"))
+    if not paths:
+        raise FileNotFoundError(f"{metrics_dir}: no metrics files (*.json); run the evaluate stage first")
+    runs = [read_json(p) for p in paths]
+    for path, run in zip(paths, runs):
+        if "run" not in run or "protocol" not in run:
+            raise ValueError(f"{path}: not a metrics file of the evaluate stage (no 'run' or 'protocol' key)")
+    return runs
+
+
+def group_by_variant(runs: list[dict], config: ReportConfig) -> dict[str, list[dict]]:
+    """variant -> its runs (one per seed), in table order: config.variants, or the proposed
+    variant first and the rest alphabetically."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["run"]["variant"], []).append(run)
+    order = config.variants or sorted(groups, key=lambda v: (v != config.proposed, v))
+    missing = [v for v in order if v not in groups]
+    if missing:
+        raise ValueError(f"report.variants names {missing} but no metrics file has that variant (found: {sorted(groups)})")
+    return {v: groups[v] for v in order}
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def percent(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def relative_gain(ours: float, theirs: float) -> str:
+    return f"{100 * (ours - theirs) / theirs:+.1f}%" if theirs > 0 else "n/a"
+
+
+def mean_value(group: list[dict], split: str, ranking: str, metric: str) -> float:
+    return mean_std([run[split][ranking][metric] for run in group])[0]
+
+
+def cell(group: list[dict], split: str, ranking: str, metric: str) -> str:
+    return percent(*mean_std([run[split][ranking][metric] for run in group]))
+
+
+def markdown_report(runs: list[dict], config: ReportConfig) -> str:
+    groups = group_by_variant(runs, config)
+    metrics = config.metrics
+    label = {m: m.replace("hr", "HR").replace("ndcg", "NDCG").replace("mrr", "MRR") for m in metrics}
+    lines = ["# Results", "", *protocol_lines(runs, config)]
+
+    lines += ["", "## All variants", "", "Fused score, in % (mean ± sample std over seeds when several ran).", ""]
+    header = ["variant", "seeds"] + [f"{split} {label[m]}" for split in ("valid", "test") for m in metrics]
+    lines += [table_row(header), table_row(["---"] * len(header))]
+    for variant, group in groups.items():
+        name = f"**{variant}**" if variant == config.proposed else variant
+        seeds = ", ".join(str(run["run"]["seed"]) for run in group)
+        lines.append(table_row([name, seeds] + [cell(group, split, "fused", m) for split in ("valid", "test") for m in metrics]))
+
+    ours = groups.get(config.proposed)
+    lines += ["", f"## Relative improvement of {config.proposed}", ""]
+    if ours is None:
+        lines.append(f"No run of the proposed variant '{config.proposed}' was evaluated.")
+    else:
+        lines += [f"(mean {config.proposed} − mean other) / mean other, test split, fused score.", ""]
+        header = ["over"] + [f"test {label[m]}" for m in metrics]
+        lines += [table_row(header), table_row(["---"] * len(header))]
+        for variant, group in groups.items():
+            if variant != config.proposed:
+                means = [(mean_value(ours, "test", "fused", m), mean_value(group, "test", "fused", m)) for m in metrics]
+                gains = [relative_gain(*pair) for pair in means]
+                lines.append(table_row([variant, *gains]))
+
+    branched = {v: g for v, g in groups.items() if len(g[0]["run"]["rankings"]) > 1}
+    if branched:
+        lines += ["", "## Each branch on its own", "", "Test split, in %: the fused ranking and each branch's own ranking.", ""]
+        header = ["variant", "ranking"] + [f"test {label[m]}" for m in metrics]
+        lines += [table_row(header), table_row(["---"] * len(header))]
+        for variant, group in branched.items():
+            for ranking in group[0]["run"]["rankings"]:
+                lines.append(table_row([variant, ranking] + [cell(group, "test", ranking, m) for m in metrics]))
+
+    lines += ["", "## What the recommendations look like", ""]
+    page = "[recommendations.html](recommendations.html)"
+    lines.append(f"{page}: recent history and top {config.top_n} of a few test users of `{config.showcase_run}`.")
+    return "\n".join(lines) + "\n"
+
+
+def protocol_lines(runs: list[dict], config: ReportConfig) -> list[str]:
+    reference = next((r for r in runs if r["run"]["variant"] == config.proposed), runs[0])
+    p = reference["protocol"]
+    users = p["users"]["test"]
+    history = "items already in the history excluded" if p["history_excluded"] else "history NOT excluded"
+    lines = [
+        f"Protocol: {p['split']}; full ranking over all {p['items']} items, {history}; {users} test users, "
+        f"{p['users']['valid']} validation users; index `{p['index']}`; model input: {p['model_input']}."
+    ]
+    if "hr@10" in reference["test"]["fused"]:
+        hr = reference["test"]["fused"]["hr@10"]
+        error = 100 * math.sqrt(hr * (1 - hr) / users)
+        lines.append(f"Noise floor: with {users} users one run's test HR@10 has a standard error of about {error:.2f} points.")
+    for run in runs:
+        # The cutoffs listed may differ between runs without changing any number.
+        differing = sorted(k for k in set(p) | set(run["protocol"]) if k != "ks" and p.get(k) != run["protocol"].get(k))
+        if differing:
+            lines.append(f"**Warning**: run {run['run']['run']} differs in protocol ({', '.join(differing)}): not comparable.")
+    return lines
+
+
+def table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+# --- the picture -----------------------------------------------------------------------------
+
+
+def thumbnail_uri(image: bytes | None, height: int) -> str | None:
+    """A JPEG data URI of the image scaled to ``height`` pixels, or None when there is none."""
+    if image is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            img = img.convert("RGB")
+            img.thumbnail((4 * height, height))
+            out = io.BytesIO()
+            img.save(out, format="JPEG", quality=80)
+    except (OSError, ValueError):
+        return None  # unreadable bytes: shown as a titled placeholder
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def showcase_users(num_users: int, count: int) -> np.ndarray:
+    """Row positions evenly spread over the user list: no cherry-picking of good cases."""
+    return np.unique(np.linspace(0, num_users - 1, min(count, num_users)).round().astype(int))
+
+
+# Posters are 2:3; a card is one thumbnail with its title underneath, framed green when it is a hit.
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222 }
+section { margin-bottom: 2.5em }
+h2 { font-size: 1.1em }
+.label { color: #666; font-size: .85em; margin: .6em 0 .2em }
+.row { display: flex; gap: 8px; flex-wrap: wrap }
+figure { margin: 0; width: WIDTHpx; padding: 3px; border: 3px solid transparent }
+figure.hit { border-color: #2a2 }
+img, .none { height: HEIGHTpx; width: WIDTHpx; object-fit: cover; display: block }
+.none { background: #ddd; font-size: .7em; overflow: hidden }
+figcaption { font-size: .7em; line-height: 1.2; height: 2.4em; overflow: hidden }
+"""
+
+
+def recommendations_html(
+    candidates: pa.Table, sequences: pa.Table, items: pa.Table, images_path: Path, config: ReportConfig
+) -> str:
+    """For a few test users: recent history, top-N recommendations (the held-out item framed
+    where it was hit) and the held-out item itself, as poster thumbnails with titles."""
+    users = split_users(sequences, "test")
+    position = {u: i for i, u in enumerate(candidates.column("user_idx").to_pylist())}
+    shown = []  # (user key, recent history, top N, held-out item)
+    for row in showcase_users(len(users), config.showcase_users):
+        user = int(users.user_idx[row])
+        top = candidates.column("items")[position[user]].as_py()[: config.top_n]
+        key = sequences.column("user_key")[row].as_py()
+        shown.append((key, users.histories[row][-config.history_shown :].tolist(), top, int(users.targets[row])))
+
+    needed = sorted({i for _, history, top, target in shown for i in history + top + [target]})
+    titles = dict(zip(items.column("item_idx").to_pylist(), items.column("title").to_pylist()))
+    images = pq.read_table(images_path, columns=["item_idx", "image"], filters=[("item_idx", "in", needed)])
+    image_bytes = dict(zip(images.column("item_idx").to_pylist(), images.column("image").to_pylist()))
+    thumbs = {item: thumbnail_uri(data, config.thumb_height) for item, data in image_bytes.items()}
+
+    def card(item: int, note: str = "", hit: bool = False) -> str:
+        title = html.escape(titles.get(item) or f"item {item}")
+        uri = thumbs.get(item)
+        picture = f'<img src="{uri}" alt="{title}">' if uri else f'<div class="none">{title}</div>'
+        frame = ' class="hit"' if hit else ""
+        return f"<figure{frame}>{picture}<figcaption>{note}{title}</figcaption></figure>"
+
+    def row(label: str, cards: list[str]) -> str:
+        return f'<div class="label">{label}</div><div class="row">{"".join(cards)}</div>'
+
+    sections = []
+    for key, history, top, target in shown:
+        hit = target in top
+        verdict = f"held-out item at rank {top.index(target) + 1}" if hit else f"held-out item not in the top {config.top_n}"
+        sections.append(
+            f"<section><h2>User {html.escape(key)} <small>({verdict})</small></h2>"
+            + row("Recent history, oldest first", [card(i) for i in history])
+            + row(f"Top {config.top_n} recommendations", [card(i, f"{rank}. ", i == target) for rank, i in enumerate(top, 1)])
+            + row("Held-out next item", [card(target, "", hit)])
+            + "</section>"
+        )
+    style = STYLE.replace("WIDTH", str(config.thumb_height * 2 // 3)).replace("HEIGHT", str(config.thumb_height))
+    title = f"Recommendations of {html.escape(config.showcase_run)}"
+    intro = (
+        f"Test split. Each user's recent history (the model's input; history items are never recommended), "
+        f"the top {config.top_n} over the whole catalogue, and the item the user really watched next, framed green "
+        f"where it was recommended. Users are evenly spread over the user list, not picked."
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>\n'
+        f"<body><h1>{title}</h1><p>{intro}</p>\n" + "\n".join(sections) + "\n</body></html>\n"
+    )

@@ -1,0 +1,342 @@
+"""Candidate retrieval: a trained model's user and item vectors -> FAISS -> each user's top-K
+unseen items, for the validation and test users, written as Parquet.
+
+Why an inner-product index: a model's fused score is ONE inner product of its concatenated
+branch vectors (see pipeline/models/base.py), so an exact flat inner-product index ranks
+exactly as the model does. Per-branch rankings search the branch's column slice. IVF and HNSW
+are there for big catalogues; they may miss items, so scoring with them also measures their
+recall@K against exact search, and reported metrics use the exact index.
+
+History exclusion: FAISS cannot filter per query, so each query fetches K + (longest history
+in its block) results and drops its own history; at least K unseen items survive whenever the
+catalogue has them. Padding (item 0) is never added to the index, so it is never returned.
+Users are scored in blocks of ``user_block_size``: memory grows with the block, not with
+users x items.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import to_dict
+from pipeline.io import parquet_writer, write_json
+from pipeline.models.base import SequentialRecommender
+from pipeline.progress import Progress, log
+
+SPLITS = ("valid", "test")
+GPU_MAX_K = 2048  # FAISS GPU indexes return at most this many neighbours per query
+
+
+def candidate_columns(ranking: str) -> tuple[str, str]:
+    """Names of a ranking's (items, scores) columns: the fused ranking is plain items/scores."""
+    return ("items", "scores") if ranking == "fused" else (f"items_{ranking}", f"scores_{ranking}")
+
+
+def candidates_schema(rankings: list[str]) -> pa.Schema:
+    """One row per user, in split order. Per ranking ("fused", then one per branch of a
+    multi-branch model): items = item indices best first (never history, never padding),
+    scores = the model's scores for them (fused: mean of branch scores; a branch: its own)."""
+    fields = [pa.field("user_idx", pa.int32(), nullable=False)]
+    for ranking in rankings:
+        items, scores = candidate_columns(ranking)
+        fields.append(pa.field(items, pa.list_(pa.int32()), nullable=False))
+        fields.append(pa.field(scores, pa.list_(pa.float32()), nullable=False))
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    type: Literal["flat", "ivf", "hnsw"] = "flat"  # flat = exact; the only one for reported metrics
+    nlist: int = 0  # IVF: number of lists; 0 = 4 * sqrt(items), at most the number of items
+    nprobe: int = 16  # IVF: lists visited per query (= nlist: exact)
+    ivf_train_per_list: int = 64  # IVF: k-means sample, items per list (FAISS's 256 costs 4x the CPU time)
+    hnsw_m: int = 32  # HNSW: links per node
+    ef_construction: int = 200  # HNSW: candidate list size while building
+    ef_search: int = 256  # HNSW: candidate list size while searching (larger: better recall, slower)
+
+    def validate(self) -> None:
+        for name in ("nprobe", "ivf_train_per_list", "hnsw_m", "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"index.{name} must be >= 1, got {getattr(self, name)}")
+        if self.nlist < 0:
+            raise ValueError(f"index.nlist must be >= 0 (0 = automatic), got {self.nlist}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    k: int = 50  # candidates kept per user and ranking (metrics are computed at cutoffs <= k)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    user_block_size: int = 2048  # users encoded and searched together
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when FAISS has one
+
+    def validate(self) -> None:
+        if self.k < 1 or self.user_block_size < 1:
+            raise ValueError(f"k and user_block_size must be >= 1, got {self.k} and {self.user_block_size}")
+
+
+# --- who is scored, from what, excluding what ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitUsers:
+    """The evaluation protocol of one split: every user's history (model input and excluded
+    items alike) and the item to predict."""
+
+    split: str
+    user_idx: np.ndarray  # (U,) int32
+    histories: list[np.ndarray]  # per user, oldest first; never recommended
+    targets: np.ndarray  # (U,) int32
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+
+def split_users(sequences: pa.Table, split: str) -> SplitUsers:
+    """valid: history = train_items, target = valid_item; test: history = train_items +
+    valid_item, target = test_item (leave-one-out, see pipeline/schema.py SEQUENCES)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
+    train = [np.asarray(t, dtype=np.int32) for t in sequences.column("train_items").to_pylist()]
+    valid = sequences.column("valid_item").to_numpy().astype(np.int32)
+    if split == "valid":
+        histories, targets = train, valid
+    else:
+        histories = [np.append(t, v).astype(np.int32) for t, v in zip(train, valid)]
+        targets = sequences.column("test_item").to_numpy().astype(np.int32)
+    return SplitUsers(split, sequences.column("user_idx").to_numpy().astype(np.int32), histories, targets)
+
+
+def left_pad(histories: list[np.ndarray], max_len: int) -> torch.Tensor:
+    """(U, max_len) int64: each history's last max_len items, right-aligned, 0 = padding."""
+    out = np.zeros((len(histories), max_len), dtype=np.int64)
+    for row, history in enumerate(histories):
+        tail = history[-max_len:]
+        if len(tail):
+            out[row, max_len - len(tail) :] = tail
+    return torch.from_numpy(out)
+
+
+# --- FAISS -----------------------------------------------------------------------------------
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset / cgroup cpusets, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0))
+
+
+def use_gpu(device: str) -> bool:
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    if device == "gpu" and gpus == 0:
+        raise RuntimeError(
+            "score.device is 'gpu' but FAISS sees no GPU (faiss-cpu installed, or no CUDA device): "
+            "install requirements-gpu.txt or set score.device to auto or cpu"
+        )
+    return device != "cpu" and gpus > 0
+
+
+@functools.cache
+def _gpu_resources():
+    return faiss.StandardGpuResources()  # one per process; must outlive every GPU index
+
+
+def build_index(vectors: np.ndarray, config: IndexConfig, gpu: bool = False) -> faiss.Index:
+    """Inner-product index over ``vectors`` (n, d): row r is item r + 1 (padding left out)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    if config.type == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif config.type == "ivf":
+        nlist = min(config.nlist or round(4 * math.sqrt(n)), n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 1234  # FAISS's default, pinned: k-means (and so the index) is reproducible
+        index.cp.max_points_per_centroid = config.ivf_train_per_list
+        index.train(vectors)
+        index.nprobe = min(config.nprobe, nlist)
+    else:
+        index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.ef_construction
+        index.hnsw.efSearch = config.ef_search
+    index.add(vectors)
+    if gpu and config.type != "hnsw":  # FAISS has no GPU HNSW; it stays on the CPU
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+    return index
+
+
+def search_unseen(index: faiss.Index, queries: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k items per query, best first, skipping the query's history.
+
+    Returns items (B, k) int32 and scores (B, k) float32; a row has fewer than k real items
+    only when the index returned fewer unseen ones, the rest is item 0 with score -inf.
+    """
+    fetch = min(k + max((len(h) for h in histories), default=0), index.ntotal)
+    scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+    items = (rows + 1).astype(np.int64)  # row -1 (nothing found) becomes item 0
+    # Membership of (query, item) in that query's history, vectorised as one sorted lookup.
+    width = index.ntotal + 1
+    owner = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    seen_keys = owner * width + np.concatenate([np.asarray(h, dtype=np.int64) for h in histories] or [np.zeros(0, np.int64)])
+    found_keys = np.arange(len(items))[:, None] * width + items
+    keep = (items > 0) & ~np.isin(found_keys, seen_keys)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept results first, order preserved
+    kept = np.take_along_axis(keep, order, axis=1)
+    top_items = np.where(kept, np.take_along_axis(items, order, axis=1), 0).astype(np.int32)
+    top_scores = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32)
+    if top_items.shape[1] < k:  # catalogue smaller than k + history: pad to a fixed width
+        pad = k - top_items.shape[1]
+        top_items = np.pad(top_items, ((0, 0), (0, pad)))
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return top_items, top_scores
+
+
+def recall_against(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over users of |approximate top-K ∩ exact top-K| / |exact top-K| (item 0 = empty slot)."""
+    hits = sizes = 0
+    for a, e in zip(approx, exact):
+        e = set(e[e > 0].tolist())
+        hits += len(e & set(a[a > 0].tolist()))
+        sizes += len(e)
+    return hits / sizes if sizes else 1.0
+
+
+# --- a model's rankings ----------------------------------------------------------------------
+
+
+def ranking_columns(model: SequentialRecommender) -> dict[str, tuple[slice, float]]:
+    """ranking name -> (vector columns, user-vector factor). The factor undoes the 1/B scaling
+    of user vectors, so a branch ranking's scores are that branch's own scores."""
+    branches, d = tuple(model.branches), model.branch_dim
+    columns = {"fused": (slice(0, len(branches) * d), 1.0)}
+    if len(branches) > 1:
+        for b, name in enumerate(branches):
+            columns[name] = (slice(b * d, (b + 1) * d), float(len(branches)))
+    return columns
+
+
+@torch.inference_mode()
+def item_matrix(model: SequentialRecommender) -> np.ndarray:
+    """(N, B*d) float32 item vectors, padding row dropped (FAISS row r = item r + 1)."""
+    vectors = model.item_vectors()
+    expected = len(model.branches) * model.branch_dim
+    if vectors.ndim != 2 or vectors.shape[1] != expected:
+        raise ValueError(f"{type(model).__name__}.item_vectors(): expected shape (N+1, {expected}), got {tuple(vectors.shape)}")
+    return vectors[1:].float().cpu().numpy()
+
+
+@torch.inference_mode()
+def user_matrix(model: SequentialRecommender, histories: list[np.ndarray], max_len: int) -> np.ndarray:
+    device = next(model.parameters(), torch.empty(0)).device
+    inputs = left_pad(histories, max_len).to(device)
+    return model.user_vectors(inputs).float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """One index per ranking, plus exact ones to measure an approximate index against."""
+
+    searched: dict[str, faiss.Index]
+    exact: dict[str, faiss.Index] | None  # None when `searched` is already exact
+    gpu: bool
+
+
+def build_indexes(model: SequentialRecommender, config: ScoreConfig) -> Indexes:
+    gpu = use_gpu(config.device)
+    items = item_matrix(model)
+    columns = ranking_columns(model)
+    searched = {name: build_index(items[:, cols], config.index, gpu) for name, (cols, _) in columns.items()}
+    exact = None
+    if config.index.type != "flat":
+        exact = {name: build_index(items[:, cols], IndexConfig(type="flat"), gpu) for name, (cols, _) in columns.items()}
+    where = "GPU" if gpu else f"CPU, {faiss.omp_get_max_threads()} threads"
+    log.info("indexes: %s over %d items x %d dims (%s)", config.index.type, items.shape[0], items.shape[1], where)
+    return Indexes(searched, exact, gpu)
+
+
+def score_split(
+    model: SequentialRecommender,
+    users: SplitUsers,
+    max_len: int,
+    indexes: Indexes,
+    config: ScoreConfig,
+    path: Path,
+    metadata: dict,
+) -> dict:
+    """Write ``path`` (candidates_schema rows, block by block) and return what was measured:
+    users, longest history and, for an approximate index, recall@K per ranking."""
+    columns = ranking_columns(model)
+    longest = max((len(h) for h in users.histories), default=0)
+    if indexes.gpu and config.k + longest > GPU_MAX_K:
+        raise ValueError(
+            f"score.k ({config.k}) + longest history ({longest}) exceeds the FAISS GPU limit of {GPU_MAX_K} results "
+            "per query: lower score.k or set score.device: cpu"
+        )
+    recall_hits = {name: 0.0 for name in columns}
+    progress = Progress(f"score {users.split}", total=len(users), unit="users")
+    with parquet_writer(path, candidates_schema(list(columns)), metadata) as writer:
+        for start in range(0, len(users), config.user_block_size):
+            block = slice(start, start + config.user_block_size)
+            histories = users.histories[block]
+            vectors = user_matrix(model, histories, max_len)
+            rows = {"user_idx": pa.array(users.user_idx[block], pa.int32())}
+            for name, (cols, factor) in columns.items():
+                queries = vectors[:, cols] * np.float32(factor)
+                items, scores = search_unseen(indexes.searched[name], queries, histories, config.k)
+                if indexes.exact is not None:
+                    exact_items, _ = search_unseen(indexes.exact[name], queries, histories, config.k)
+                    recall_hits[name] += recall_against(items, exact_items) * len(items)
+                items_col, scores_col = candidate_columns(name)
+                rows[items_col], rows[scores_col] = _ragged(items, scores)
+            writer.write_table(pa.table(rows, schema=writer.schema))
+            progress.update(len(histories))
+    progress.close()
+    measured = {"users": len(users), "longest_history": longest}
+    if indexes.exact is not None:
+        measured[f"recall@{config.k}"] = {name: hits / max(len(users), 1) for name, hits in recall_hits.items()}
+    return measured
+
+
+def _ragged(items: np.ndarray, scores: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
+    """Fixed-width search results as list columns, minus the empty slots (item 0) that a
+    too-small catalogue leaves."""
+    real = items > 0
+    offsets = pa.array(np.concatenate([[0], np.cumsum(real.sum(axis=1))]), pa.int32())
+    return (
+        pa.ListArray.from_arrays(offsets, pa.array(items[real], pa.int32())),
+        pa.ListArray.from_arrays(offsets, pa.array(scores[real], pa.float32())),
+    )
+
+
+def score_run(
+    model: SequentialRecommender, max_len: int, sequences: pa.Table, config: ScoreConfig, out_dir: Path, provenance: dict
+) -> dict:
+    """Candidates of every split into ``out_dir``/{valid,test}.parquet, and
+    ``out_dir``/scoring.json: the settings and recall figures the evaluation records."""
+    faiss.omp_set_num_threads(available_cpus())
+    model.eval()
+    indexes = build_indexes(model, config)
+    summary = {
+        "run": provenance,
+        "k": config.k,
+        "items": indexes.searched["fused"].ntotal,
+        "index": to_dict(config.index),
+        "rankings": list(ranking_columns(model)),
+        "history_excluded": True,
+        "max_len": max_len,
+        "splits": {},
+    }
+    for split in SPLITS:
+        users = split_users(sequences, split)
+        metadata = {**provenance, "split": split, **{key: summary[key] for key in ("k", "index", "max_len", "history_excluded")}}
+        summary["splits"][split] = score_split(model, users, max_len, indexes, config, out_dir / f"{split}.parquet", metadata)
+    write_json(summary, out_dir / "scoring.json")
+    return summary
+

@@ -1,0 +1,27 @@
+"""Stage `evaluate`: metrics of one run from its candidates.
+
+    python stages/evaluate.py --run odmt-s1 [--params params.yaml]
+
+Reads data/candidates/{run}/ and data/ingest/sequences.parquet (the targets); writes
+metrics/{run}.json (HR/NDCG/MRR per split, ranking and cutoff, plus the protocol) and
+plots/at_k/{run}.json (fused metrics at every cutoff 1..K, for `dvc plots show`).
+"""
+
+from _common import stage_args
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.config import load_section
+from pipeline.evaluation import EvaluateConfig, evaluate_run
+from pipeline.io import write_json
+from pipeline.progress import log
+
+args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
+config = load_section(EvaluateConfig, "evaluate", args.params)
+result, curve = evaluate_run(Path("data/candidates") / args.run, pq.read_table("data/ingest/sequences.parquet"), config)
+write_json(result, Path("metrics") / f"{args.run}.json")
+write_json(curve, Path("plots/at_k") / f"{args.run}.json")
+for split in ("valid", "test"):
+    log.info("%s %s: %s", args.run, split, ", ".join(f"{name} {value:.4f}" for name, value in result[split]["fused"].items()))

@@ -1,0 +1,27 @@
+"""Stage `score`: a trained run's candidates over the whole catalogue.
+
+    python stages/score.py --run odmt-s1 [--params params.yaml]
+
+Reads models/{run}/model.pt and data/ingest/sequences.parquet; writes
+data/candidates/{run}/{valid,test}.parquet (each user's top-K unseen items, fused and per
+branch) and data/candidates/{run}/scoring.json (settings, and recall@K for an approximate index).
+"""
+
+from _common import stage_args
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import load_section
+from pipeline.scoring import ScoreConfig, score_run
+from pipeline.training import load_trained
+
+args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
+config = load_section(ScoreConfig, "score", args.params)
+device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
+model, info = load_trained(Path("models") / args.run, device=device)
+provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
+sequences = pq.read_table("data/ingest/sequences.parquet")
+score_run(model, info["max_len"], sequences, config, Path("data/candidates") / args.run, provenance)
