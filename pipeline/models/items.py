@@ -1,0 +1,149 @@
+"""Item encoders: from an item index to one vector per branch, (branches, n, d).
+
+`ItemSources` holds the three inputs of every item (frozen text tokens, frozen image tokens,
+a trainable ID embedding) and projects them to width d. The encoders combine them:
+- `IMTItems`: ODMT. The IMT over [text ; image ; ID], then one output MLP per branch.
+- `LateFusionItems`: no IMT. Each branch is its own source (text/image CLS token, ID) + MLP.
+- `EarlyFusionItems`: one "fused" branch, the sum or concatenation of the projected text CLS,
+  image CLS and ID, + MLP.
+Frozen features live in non-persistent float16 buffers: they are not saved with the weights
+(a trained model is rebuilt from the feature files) and are cast to float per gathered batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..features.store import TokenFeatures
+from .imt import IDAwareMultimodalTransformer
+from .layers import mlp
+
+IdInit = Literal["mean_cls", "text_cls", "image_cls", "random"]
+
+
+class ItemSources(nn.Module):
+    def __init__(
+        self,
+        num_items: int,
+        width: int,
+        use_id: bool,
+        text: TokenFeatures | None,
+        image: TokenFeatures | None,
+        text_tokens: int,
+        image_tokens: int,
+    ):
+        super().__init__()
+        self.num_items = num_items
+        self.id_table = nn.Embedding(num_items + 1, width, padding_idx=0) if use_id else None
+        # As Transformers scale token embeddings: the ID token enters at about the scale of a
+        # projected content token, while the table keeps a small init that Adam moves quickly.
+        self.id_scale = math.sqrt(width)
+        self.text_proj = self._add_features("text", text, text_tokens, width)
+        self.image_proj = self._add_features("image", image, image_tokens, width)
+
+    def _add_features(self, name: str, features: TokenFeatures | None, max_tokens: int, width: int) -> nn.Linear | None:
+        if features is None:
+            return None
+        if features.num_items != self.num_items:
+            raise ValueError(f"{name} features cover {features.num_items} items, the sequences {self.num_items}; rerun the feature stage")
+        keep = min(max_tokens, features.tokens.shape[1])  # the first tokens: CLS/pooled first
+        self.register_buffer(f"{name}_tokens", features.tokens[:, :keep].contiguous(), persistent=False)
+        self.register_buffer(f"{name}_mask", features.mask[:, :keep].contiguous(), persistent=False)
+        return nn.Linear(features.tokens.shape[2], width)
+
+    def text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_proj(self.text_tokens[ids].float()), self.text_mask[ids]
+
+    def image(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.image_tokens[ids].float())
+
+    def ident(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.id_table(ids) * self.id_scale
+
+    def single(self, branch: str, ids: torch.Tensor) -> torch.Tensor:
+        """A branch's one projected input vector without the IMT: the ID, or the CLS token."""
+        if branch == "id":
+            return self.ident(ids)
+        proj, tokens = (self.text_proj, self.text_tokens) if branch == "text" else (self.image_proj, self.image_tokens)
+        return proj(tokens[ids, 0].float())
+
+
+def initial_id_table(how: IdInit, width: int, text: TokenFeatures | None, image: TokenFeatures | None, like: torch.Tensor) -> torch.Tensor | None:
+    """ID embedding initialisation from the items' CLS (first-token) features, or None for
+    "random" (keep `like`, the model's random initialisation).
+
+    Each chosen modality's CLS features are used as they are when their dim equals `width`
+    (the reference), else centred and projected onto their top-`width` principal directions.
+    Items lacking a modality average only what they have; the padding row is zero. The table is
+    rescaled to the standard deviation of `like`: the features set the directions of the ID
+    vectors, not their scale (a large-scale table would learn slowly under Adam).
+    """
+    if how == "random":
+        return None
+    sources = {"mean_cls": (text, image), "text_cls": (text,), "image_cls": (image,)}[how]
+    if any(f is None for f in sources):
+        raise ValueError(f"id_init {how!r} needs the features it names; use id_init 'random' for this variant")
+    total = torch.zeros(like.shape, dtype=torch.float64)
+    count = torch.zeros(like.shape[0], 1, dtype=torch.float64)
+    for features in sources:
+        cls = features.tokens[:, 0].double()
+        present = features.present.clone()
+        present[0] = False
+        total[present] += _to_width(cls[present], width)
+        count[present] += 1
+    table = total / count.clamp(min=1)
+    return (table * like[1:].double().std() / table[1:].std().clamp(min=1e-12)).to(like.dtype)
+
+
+def _to_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    if x.shape[1] == width:
+        return x
+    centred = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    out = centred @ vh[:width].T
+    return nn.functional.pad(out, (0, width - out.shape[1]))  # fewer dims than width: zero-fill
+
+
+class IMTItems(nn.Module):
+    branches = ("id", "text", "image")
+
+    def __init__(self, sources: ItemSources, width: int, layers: int, heads: int, dropout: float, id_aware: bool):
+        super().__init__()
+        self.sources = sources
+        self.imt = IDAwareMultimodalTransformer(width, layers, heads, dropout, id_aware)
+        self.heads = nn.ModuleDict({b: mlp(width, width) for b in self.branches})
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        text, text_mask = self.sources.text(ids)
+        out_text, out_image, out_id = self.imt(text, text_mask, self.sources.image(ids), self.sources.ident(ids))
+        outputs = {"id": out_id, "text": out_text, "image": out_image}
+        return torch.stack([self.heads[b](outputs[b]) for b in self.branches])
+
+
+class LateFusionItems(nn.Module):
+    def __init__(self, sources: ItemSources, width: int, branches: tuple[str, ...]):
+        super().__init__()
+        self.sources, self.branches = sources, branches
+        self.heads = nn.ModuleDict({b: mlp(width, width) for b in branches})
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.heads[b](self.sources.single(b, ids)) for b in self.branches])
+
+
+class EarlyFusionItems(nn.Module):
+    branches = ("fused",)
+
+    def __init__(self, sources: ItemSources, width: int, how: Literal["sum", "concat"]):
+        super().__init__()
+        self.sources, self.how = sources, how
+        self.heads = nn.ModuleDict({"fused": mlp(3 * width if how == "concat" else width, width)})
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        parts = [self.sources.single(b, ids) for b in ("id", "text", "image")]
+        fused = torch.cat(parts, dim=-1) if self.how == "concat" else torch.stack(parts).sum(0)
+        return self.heads["fused"](fused)[None]
+

@@ -1,0 +1,170 @@
+"""ODMT and every variant and baseline trained beside it, as one model class.
+
+A model = an item encoder (items.py) giving each item one vector per branch, plus one
+independent sequence encoder (backbones.py) per branch. Branch score = <user state, item
+vector>; the fused score is the mean over branches (odmt.md section 4). The variant names the
+item encoder and branches; the backbone names the sequence encoder of every branch.
+
+| variant | item encoder | branches | distillation |
+|---|---|---|---|
+| odmt | IMT, ID-aware mask | id, text, image | yes |
+| odmt_no_distill | IMT, ID-aware mask | id, text, image | no |
+| odmt_full_attention | IMT, full attention | id, text, image | yes |
+| odmt_no_imt | late fusion (no IMT) | id, text, image | yes |
+| sasrec_id | ID embedding, random init | id | - |
+| text_only / image_only | that CLS token | text / image | - |
+| early_fusion_sum / _concat | sum / concat of ID, text CLS, image CLS | fused | - |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..features.store import TokenFeatures
+from .backbones import build_backbone
+from .base import SequentialRecommender
+from .items import EarlyFusionItems, IdInit, IMTItems, ItemSources, LateFusionItems, initial_id_table
+from .layers import init_weights
+
+VariantName = Literal[
+    "odmt",
+    "odmt_no_distill",
+    "odmt_full_attention",
+    "odmt_no_imt",
+    "sasrec_id",
+    "text_only",
+    "image_only",
+    "early_fusion_sum",
+    "early_fusion_concat",
+]
+
+
+@dataclass(frozen=True)
+class Variant:
+    items: Literal["imt", "late", "early_sum", "early_concat"]
+    branches: tuple[str, ...]
+    id_aware: bool = True  # IMT only
+    distill: bool = False
+
+    @property
+    def sources(self) -> set[str]:
+        """Which inputs (id, text, image) the item encoder reads."""
+        return set(self.branches) if self.items == "late" else {"id", "text", "image"}
+
+
+THREE = ("id", "text", "image")
+HEAD_INIT_SCALE = 0.05  # the last layer of each item head starts at 1/20 of its xavier init
+VARIANTS: dict[str, Variant] = {
+    "odmt": Variant("imt", THREE, id_aware=True, distill=True),
+    "odmt_no_distill": Variant("imt", THREE, id_aware=True, distill=False),
+    "odmt_full_attention": Variant("imt", THREE, id_aware=False, distill=True),
+    "odmt_no_imt": Variant("late", THREE, distill=True),
+    "sasrec_id": Variant("late", ("id",)),
+    "text_only": Variant("late", ("text",)),
+    "image_only": Variant("late", ("image",)),
+    "early_fusion_sum": Variant("early_sum", ("fused",)),
+    "early_fusion_concat": Variant("early_concat", ("fused",)),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: VariantName = "odmt"
+    backbone: Literal["sasrec", "gru4rec", "nextitnet"] = "sasrec"
+    width: int = 64  # d, per branch
+    max_len: int = 12  # items a user state sees
+    imt_layers: int = 2
+    imt_heads: int = 2
+    seq_layers: int = 2
+    seq_heads: int = 2
+    dropout: float = 0.1
+    text_tokens: int = 30  # the first tokens of the text features kept (CLS first)
+    image_tokens: int = 50  # the first tokens of the image features kept (pooled/CLS first)
+    id_init: IdInit = "mean_cls"  # sasrec_id always starts random: it must not see content
+
+    def validate(self) -> None:
+        for name in ("width", "max_len", "imt_layers", "imt_heads", "seq_layers", "seq_heads", "text_tokens", "image_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+class ODMT(SequentialRecommender):
+    def __init__(self, cfg: ModelConfig, num_items: int, text: TokenFeatures | None = None, image: TokenFeatures | None = None):
+        super().__init__()
+        variant = VARIANTS[cfg.variant]
+        self.cfg, self.num_items = cfg, num_items
+        self.branches, self.branch_dim = variant.branches, cfg.width
+        for name, features in (("text", text), ("image", image)):
+            if name in variant.sources and features is None:
+                raise ValueError(f"variant {cfg.variant!r} needs {name} features")
+        sources = ItemSources(
+            num_items,
+            cfg.width,
+            use_id="id" in variant.sources,
+            text=text if "text" in variant.sources else None,
+            image=image if "image" in variant.sources else None,
+            text_tokens=cfg.text_tokens,
+            image_tokens=cfg.image_tokens,
+        )
+        if variant.items == "imt":
+            self.items = IMTItems(sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware)
+        elif variant.items == "late":
+            self.items = LateFusionItems(sources, cfg.width, variant.branches)
+        else:
+            self.items = EarlyFusionItems(sources, cfg.width, "sum" if variant.items == "early_sum" else "concat")
+        self.encoders = nn.ModuleList(
+            build_backbone(cfg.backbone, cfg.width, cfg.max_len, cfg.seq_layers, cfg.seq_heads, cfg.dropout) for _ in self.branches
+        )
+        self.apply(init_weights)
+        with torch.no_grad():
+            for head in self.items.heads.values():
+                # Small item vectors at the start, as a random ID embedding gives: with full-size
+                # vectors the in-batch logits of IMT outputs start saturated and learning stalls.
+                head[-1].weight.mul_(HEAD_INIT_SCALE)
+            if sources.id_table is not None and cfg.variant != "sasrec_id":
+                table = initial_id_table(cfg.id_init, cfg.width, text, image, like=sources.id_table.weight)
+                if table is not None:
+                    sources.id_table.weight.copy_(table)
+
+    def forward(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass over (B, L+1) left-padded item slots: inputs are slots[:, :-1].
+
+        Returns user states (branches, B, L, d) and the vectors of every slot's item
+        (branches, B, L+1, d), the in-batch candidates.
+        """
+        slots = slots.long()
+        vectors = self._vectors_of(slots)
+        return self._encode(vectors[:, :, :-1], slots[:, :-1] != 0), vectors
+
+    def item_vectors(self, chunk: int = 1024) -> torch.Tensor:
+        device = next(self.parameters()).device
+        ids = torch.arange(self.num_items + 1, device=device)
+        per_branch = torch.cat([self.items(part) for part in ids.split(chunk)], dim=1)  # (branches, N+1, d)
+        return torch.cat(list(per_branch), dim=1)
+
+    def user_vectors(self, sequences: torch.Tensor) -> torch.Tensor:
+        sequences = fit_left(sequences.long(), self.cfg.max_len)
+        states = self._encode(self._vectors_of(sequences), sequences != 0)[:, :, -1]  # (branches, U, d)
+        return torch.cat(list(states), dim=1) / len(self.branches)
+
+    def _vectors_of(self, ids: torch.Tensor) -> torch.Tensor:
+        # The item encoder runs once per DISTINCT item of the batch, then is gathered to slots.
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.items(unique)[:, inverse]
+
+    def _encode(self, vectors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        vectors = vectors * real[None, :, :, None]
+        return torch.stack([encoder(vectors[b], real) for b, encoder in enumerate(self.encoders)])
+
+
+def fit_left(sequences: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad with 0 or keep the last `length` columns of a LEFT-padded (U, L) sequence."""
+    if sequences.shape[1] >= length:
+        return sequences[:, -length:]
+    return nn.functional.pad(sequences, (length - sequences.shape[1], 0))

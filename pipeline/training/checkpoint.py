@@ -1,0 +1,47 @@
+"""The resumable training checkpoint and the final model file.
+
+checkpoint.pt (written after every epoch): model, optimiser, scaler, completed epoch, best
+validation score and its epoch, best weights, epochs without improvement, RNG states and the
+params. A run resumes from it only when its params equal the current ones apart from `epochs`
+(so a finished run can also be extended); otherwise it starts afresh.
+model.pt: the best-validation weights, the params and an info dict (see load_trained).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_path
+from ..progress import log
+
+
+def rng_states() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save(obj: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_compatible(path: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it was written with the same params (ignoring epochs)."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = {k: v for k, v in state["params"].items() if k != "epochs"}
+    current = {k: v for k, v in params.items() if k != "epochs"}
+    if saved != current:
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        log.info("%s: params changed (%s); starting afresh", path, ", ".join(changed))
+        return None
+    return state

@@ -1,0 +1,84 @@
+"""Training and evaluation inputs from the ingest tables, as LEFT-padded index tensors.
+
+Training: one sequence per user, its last max_len + 1 training items (all positions
+supervised). Validation: the last max_len training items predict valid_item, history = all
+training items. Test: the last max_len of training items + valid_item predict test_item,
+history = training items + valid_item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..features.store import TokenFeatures, load_token_features
+
+
+@dataclass
+class Split:
+    inputs: torch.Tensor  # (U, max_len) left-padded
+    targets: torch.Tensor  # (U,)
+    history: torch.Tensor  # (U, H) items excluded from the ranking, 0-padded
+
+
+@dataclass
+class SequenceData:
+    train: torch.Tensor  # (U, max_len + 1) left-padded training slots
+    valid: Split
+    test: Split
+    train_counts: torch.Tensor  # (N+1,) training frequency per item, 0 for padding
+    num_items: int
+
+
+def left_pad(sequences: list[list[int]], width: int) -> torch.Tensor:
+    """(len, width) int64: the last `width` items of each list, right-aligned, 0 before."""
+    out = torch.zeros(len(sequences), width, dtype=torch.int64)
+    for row, items in enumerate(sequences):
+        kept = items[-width:]
+        if kept:
+            out[row, width - len(kept) :] = torch.tensor(kept)
+    return out
+
+
+def load_sequences(sequences_path: str | Path, popularity_path: str | Path, max_len: int) -> SequenceData:
+    table = pq.read_table(sequences_path).sort_by("user_idx")
+    train = [list(x) for x in table["train_items"].to_pylist()]
+    valid = table["valid_item"].to_pylist()
+    test = table["test_item"].to_pylist()
+    popularity = pq.read_table(popularity_path)
+    item_idx = popularity["item_idx"].to_numpy()
+    num_items = int(item_idx.max(initial=0))
+    counts = torch.zeros(num_items + 1, dtype=torch.int64)
+    counts[torch.from_numpy(item_idx.astype(np.int64))] = torch.from_numpy(popularity["train_count"].to_numpy().astype(np.int64))
+    largest = max(max((max(s, default=0) for s in train), default=0), max(valid, default=0), max(test, default=0))
+    if largest > num_items:
+        raise ValueError(f"{sequences_path}: item {largest} is beyond the {num_items} items of {popularity_path}; rerun ingest")
+    with_valid = [s + [v] for s, v in zip(train, valid)]
+    return SequenceData(
+        train=left_pad(train, max_len + 1),
+        valid=Split(left_pad(train, max_len), torch.tensor(valid), left_pad(train, max(map(len, train)))),
+        test=Split(left_pad(with_valid, max_len), torch.tensor(test), left_pad(with_valid, max(map(len, with_valid)))),
+        train_counts=counts,
+        num_items=num_items,
+    )
+
+
+def load_features(path: str | Path, num_items: int) -> TokenFeatures:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: feature file not found; run the feature stages first (dvc repro)")
+    return load_token_features(path, num_items)
+
+
+def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """This rank's row indices for each step of `epoch`: a permutation fixed by (seed, epoch),
+    wrapped to a multiple of world_size and dealt out, so every rank takes the same number of
+    equally sized steps (as DistributedSampler does)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_rows, generator=generator)
+    padded = -(-num_rows // world_size) * world_size
+    order = torch.cat([order, order[: padded - num_rows]])[rank::world_size]
+    return list(order.split(batch_size))

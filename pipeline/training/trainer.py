@@ -1,0 +1,192 @@
+"""The training loop: AdamW, gradient clipping, AMP on CUDA, validation every epoch with full
+ranking, best-epoch selection, early stopping, a resumable checkpoint, dvclive curves, DDP.
+
+Determinism: the model is initialised from `seed`; every epoch then reseeds the RNG from
+(seed, epoch, rank) and draws its batch order from (seed, epoch). So an epoch's result
+depends only on the weights and optimiser state it starts from, which is exactly what the
+checkpoint holds: a resumed run repeats the uninterrupted one bit for bit on CPU, on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from dvclive import Live
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import to_dict
+from ..metrics import full_ranks, summarize
+from ..models.odmt import ODMT, VARIANTS
+from ..progress import Progress, log
+from . import TrainConfig, build_model, checkpoint, ddp
+from .data import Split, epoch_batches, load_sequences
+from .distillation import distillation_terms, ramp_weight
+from .loss import branch_logits, cross_entropy, in_batch, log_popularity
+
+
+def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[str, Any]]:
+    """Train one run; writes run_dir/model.pt, run_dir/checkpoint.pt and dvclive output in
+    log_dir (rank 0). Returns the model with its best-validation weights and the info dict
+    stored in model.pt."""
+    env = ddp.setup()
+    _deterministic(env)
+    torch.manual_seed(cfg.seed)
+    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
+    model = build_model(cfg, data.num_items).to(env.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and env.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    params = to_dict(cfg)
+    run_dir, log_dir = Path(run_dir), Path(log_dir)
+
+    state = {"epoch": 0, "best_score": float("-inf"), "best_epoch": 0, "best_state": None, "bad_epochs": 0}
+    saved = checkpoint.load_compatible(run_dir / "checkpoint.pt", params)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        state = {k: saved[k] for k in state}
+        log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    net = DistributedDataParallel(model, broadcast_buffers=False) if env.enabled else model
+    live = Live(str(log_dir), resume=saved is not None, save_dvc_exp=False, dvcyaml=None) if env.is_main else None
+    log_p = log_popularity(data.train_counts).to(env.device) if cfg.logq else None
+    distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0
+    rows_per_epoch = sum(map(len, epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1, env.rank, env.world_size)))
+    progress = Progress("training", total=max(cfg.epochs - state["epoch"], 0) * rows_per_epoch, unit="sequences", every_s=30)
+
+    while state["epoch"] < cfg.epochs and not (cfg.patience and state["bad_epochs"] >= cfg.patience):
+        epoch = state["epoch"] + 1
+        torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + env.rank)
+        weight = ramp_weight(epoch, cfg.distill.ramp) if distill else 0.0
+        started = time.perf_counter()
+        losses = _train_epoch(net, model, optimizer, scaler, data.train, cfg, env, epoch, weight, log_p, use_amp, progress)
+        seconds = time.perf_counter() - started
+        valid = evaluate(model, data.valid, cfg.eval_batch_size)
+        score = valid["fused"][cfg.select_metric]
+        if score > state["best_score"]:
+            best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state.update(best_score=score, best_epoch=epoch, best_state=best, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        log.info(
+            "epoch %d (%.1fs): loss %.4f, kd weight %.3f, valid fused HR@10 %.4f NDCG@10 %.4f (best epoch %d)",
+            epoch, seconds, losses["loss"], weight, valid["fused"]["hr@10"], valid["fused"]["ndcg@10"], state["best_epoch"],
+        )
+        if env.is_main:
+            _log_epoch(live, epoch, losses, weight, valid)
+            snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "params": params}
+            checkpoint.save({**snapshot, **state}, run_dir / "checkpoint.pt")
+
+    progress.close()
+    model.load_state_dict(state["best_state"])
+    results = {"valid": evaluate(model, data.valid, cfg.eval_batch_size), "test": evaluate(model, data.test, cfg.eval_batch_size)}
+    info = {
+        "variant": cfg.model.variant,
+        "backbone": cfg.model.backbone,
+        "seed": cfg.seed,
+        "max_len": cfg.model.max_len,
+        "branches": list(model.branches),
+        "branch_dim": model.branch_dim,
+        "num_items": data.num_items,
+        "best_epoch": state["best_epoch"],
+        "epochs_trained": state["epoch"],
+        **results,
+    }
+    if env.is_main:
+        checkpoint.save({"state_dict": state["best_state"], "params": params, "info": info}, run_dir / "model.pt")
+        live.step = state["epoch"]
+        live.summary["best"] = {"epoch": state["best_epoch"], **results}  # valid/test metrics of the kept weights
+        live.make_summary()
+        live.end()
+    log.info("best epoch %d: test fused HR@10 %.4f NDCG@10 %.4f", state["best_epoch"], results["test"]["fused"]["hr@10"], results["test"]["fused"]["ndcg@10"])
+    ddp.cleanup(env)
+    return model.eval(), info
+
+
+def _train_epoch(net, model: ODMT, optimizer, scaler, train: torch.Tensor, cfg: TrainConfig, env, epoch: int, weight: float, log_p, use_amp: bool, progress: Progress) -> dict[str, float]:
+    net.train()
+    batches = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, env.rank, env.world_size)
+    sums: dict[str, float] = defaultdict(float)
+    for rows in batches:
+        terms, loss = train_step(net, model, optimizer, scaler, train[rows].to(env.device), cfg, env, weight, log_p, use_amp)
+        sums["loss"] += loss
+        for name, value in terms.items():
+            sums[name] += value
+        progress.update(len(rows))
+    return ddp.mean_over_ranks({k: v / len(batches) for k, v in sums.items()}, env)
+
+
+def train_step(net, model: ODMT, optimizer, scaler, slots: torch.Tensor, cfg: TrainConfig, env, weight: float, log_p, use_amp: bool) -> tuple[dict[str, float], float]:
+    """One optimiser step on a batch of training slots; returns its loss terms and total loss."""
+    with torch.autocast(env.device.type, dtype=torch.float16, enabled=use_amp):
+        states, vectors = net(slots)
+    terms = batch_losses(states, vectors, slots, model.branches, cfg, env, log_p, weight)
+    loss = sum(v for k, v in terms.items() if k.startswith("ce_")) + weight * sum(v for k, v in terms.items() if k.startswith("kd_"))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.clip_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return {name: value.item() for name, value in terms.items()}, loss.item()
+
+
+def batch_losses(states, vectors, slots, branches, cfg: TrainConfig, env, log_p, weight: float) -> dict[str, torch.Tensor]:
+    """Per-branch in-batch CE ("ce_<branch>") and, when weight > 0, the KD terms ("kd_<pair>")."""
+    candidates, offset = slots.flatten(), 0
+    candidate_vectors = vectors.flatten(1, 2)  # (branches, C, d)
+    if cfg.gather_negatives and env.enabled:
+        offset = env.rank * candidates.numel()
+        candidates = ddp.gather(candidates)
+        candidate_vectors = ddp.gather_with_grad(candidate_vectors.transpose(0, 1)).transpose(0, 1)
+    batch = in_batch(slots, candidates, offset, log_p)
+    logits = {b: branch_logits(states[i], candidate_vectors[i], batch) for i, b in enumerate(branches)}
+    terms = {f"ce_{b}": cross_entropy(z, batch) for b, z in logits.items()}
+    if weight > 0:
+        terms.update({f"kd_{k}": v for k, v in distillation_terms(logits, cfg.distill).items()})
+    return terms
+
+
+@torch.no_grad()
+def evaluate(model: ODMT, split: Split, batch_size: int) -> dict[str, dict[str, float]]:
+    """HR/NDCG/MRR@10 of the fused score and of each branch, full ranking, history excluded."""
+    model.eval()
+    device = next(model.parameters()).device
+    items = model.item_vectors().float()
+    d = model.branch_dim
+    ranks: dict[str, list[torch.Tensor]] = {name: [] for name in ("fused", *model.branches)}
+    for start in range(0, len(split.targets), batch_size):
+        block = slice(start, start + batch_size)
+        users = model.user_vectors(split.inputs[block].to(device)).float()
+        targets, history = split.targets[block].to(device), split.history[block].to(device)
+        ranks["fused"].append(full_ranks(users @ items.T, targets, history).cpu())
+        for i, branch in enumerate(model.branches):
+            part = slice(i * d, (i + 1) * d)
+            ranks[branch].append(full_ranks(users[:, part] @ items[:, part].T, targets, history).cpu())
+    return {name: summarize(torch.cat(r)) for name, r in ranks.items()}
+
+
+def _log_epoch(live: Live, epoch: int, losses: dict[str, float], weight: float, valid: dict[str, dict[str, float]]) -> None:
+    live.step = epoch
+    for name, value in losses.items():
+        live.log_metric(f"train/{name}", value)
+    live.log_metric("train/kd_weight", weight)
+    for branch, metrics in valid.items():
+        for name in ("hr@10", "ndcg@10"):
+            live.log_metric(f"valid/{branch}/{name}", metrics[name])
+    live.next_step()
+
+
+def _deterministic(env: ddp.Distributed) -> None:
+    if env.device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    # warn_only: a CUDA op without a deterministic kernel warns instead of stopping training.
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,239 @@
+"""Training: loss, distillation, metrics, data batching, end-to-end runs, resume, DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline.metrics import full_ranks, hit_rate, mrr, ndcg, summarize
+from pipeline.models.odmt import VARIANTS, ModelConfig
+from pipeline.training import TrainConfig, build_model, load_trained
+from pipeline.training.data import epoch_batches, left_pad, load_sequences
+from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
+from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity
+from pipeline.training.trainer import train
+from tests.toy import make_toy_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- loss -------------------------------------------------------------------------------------
+
+
+def test_in_batch_loss_by_hand():
+    slots = torch.tensor([[0, 1, 2], [3, 1, 4]])  # user 0 is left-padded
+    log_p = torch.log(torch.tensor([1.0, 0.5, 0.2, 0.2, 0.1]))  # made-up p per item 0..4
+    batch = in_batch(slots, slots.flatten(), 0, log_p)
+    # supervised (input and target real): u0 1->2, u1 3->1, u1 1->4 (flat positions 1, 2, 3)
+    assert batch.rows.tolist() == [1, 2, 3]
+    assert batch.targets.tolist() == [2, 4, 5]
+    # candidates are the slots [0, 1, 2, 3, 1, 4]: padding and the row's own items are blocked,
+    # except its target slot (u1's item 1 is blocked in u0's slot too: it is in u1's sequence)
+    expected = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 1, 0, 1, 0, 1], [1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(batch.blocked, expected)
+
+    h = torch.tensor([[[9.0], [1.0]], [[2.0], [3.0]]])  # (B, L, d=1) user states
+    e = torch.tensor([[5.0], [1.0], [2.0], [3.0], [1.0], [4.0]])  # candidate vectors
+    items = slots.flatten()
+    logits = branch_logits(h, e, batch)
+    loss = cross_entropy(logits, batch)
+    expected_loss = 0.0
+    for r, (state, target) in enumerate([(1.0, 2), (2.0, 4), (3.0, 5)]):
+        z = [state * e[c, 0].item() - log_p[items[c]].item() for c in range(6)]
+        open_cols = [c for c in range(6) if not expected[r, c]]
+        assert all(logits[r, c].item() == BLOCKED for c in range(6) if expected[r, c])
+        assert all(math.isclose(logits[r, c].item(), z[c], rel_tol=1e-6) for c in open_cols)
+        expected_loss += -z[target] + math.log(sum(math.exp(z[c]) for c in open_cols))
+    assert math.isclose(loss.item(), expected_loss / 3, rel_tol=1e-5)
+    without_logq = in_batch(slots, slots.flatten(), 0, None)
+    assert torch.equal(without_logq.log_q, torch.zeros(6))
+
+
+def test_log_popularity_uses_training_counts_and_stays_finite():
+    log_p = log_popularity(torch.tensor([0, 3, 1, 0]))
+    assert torch.isfinite(log_p).all()
+    assert math.isclose(log_p[1].item(), math.log(3 / 6), rel_tol=1e-6)  # zeros clamped to 1: 1+3+1+1
+
+
+def test_gathered_candidates_keep_this_ranks_targets():
+    slots = torch.tensor([[1, 2, 3]])
+    other_rank = torch.tensor([5, 2, 6])
+    batch = in_batch(slots, torch.cat([other_rank, slots.flatten()]), offset=3, log_p=None)
+    assert batch.targets.tolist() == [4, 5]
+    assert batch.blocked[0].tolist() == [False, True, False, True, False, True]  # item 2 blocked in both ranks' slots
+
+
+# --- distillation -----------------------------------------------------------------------------
+
+
+def test_ramp_weight_values():
+    assert math.isclose(ramp_weight(1, 20), math.exp(-5 * 0.95**2))
+    assert ramp_weight(20, 20) == 1.0 and ramp_weight(31, 20) == 1.0
+    assert ramp_weight(10, 20) < ramp_weight(11, 20)
+    assert ramp_weight(1, 0) == 0.0 and ramp_weight(7, 0) == 0.0
+    assert ramp_weight(1, 0.5) == 0.5 and ramp_weight(30, 0.5) == 0.5
+
+
+def test_soft_cross_entropy_by_hand():
+    student = torch.zeros(1, 2)
+    teacher = torch.tensor([[math.log(3.0), 0.0]])
+    # tau 1: softmax(teacher) = (3/4, 1/4), log softmax(student) = log 1/2 -> log 2
+    assert math.isclose(soft_cross_entropy(student, teacher, 1.0).item(), math.log(2), rel_tol=1e-6)
+    # tau 0.5 multiplies by tau^2; the student's uniform log-probs still give log 2
+    assert math.isclose(soft_cross_entropy(student, teacher, 0.5).item(), 0.25 * math.log(2), rel_tol=1e-6)
+    student = torch.tensor([[1.0, 0.0]])
+    p = [0.75, 0.25]
+    q = [math.exp(1) / (math.exp(1) + 1), 1 / (math.exp(1) + 1)]
+    assert math.isclose(soft_cross_entropy(student, teacher, 1.0).item(), -sum(a * math.log(b) for a, b in zip(p, q)), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_distillation_pairs_and_teacher_gradient(detach):
+    torch.manual_seed(0)
+    logits = {b: torch.randn(3, 5, requires_grad=True) for b in ("id", "text", "image")}
+    terms = distillation_terms(logits, DistillConfig(tau=0.5, detach_teacher=detach, image_from_id=False))
+    assert sorted(terms) == ["id_from_ens", "text_from_id"]
+    terms["text_from_id"].backward()
+    assert logits["text"].grad is not None
+    assert (logits["id"].grad is None) == detach  # the teacher learns too unless detached
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def test_full_ranks_exclude_history_and_padding():
+    scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 4.0], [9.0, 2.0, 2.0, 1.0, 0.0]])
+    targets = torch.tensor([3, 1])
+    history = torch.tensor([[2, 0], [0, 0]])  # user 0 has seen item 2
+    # user 0: item 2 (5.0) excluded, padding excluded, item 4 (4.0) beats 3.0 -> rank 2
+    # user 1: item 2 ties with the target -> counts against it -> rank 2
+    assert full_ranks(scores, targets, history).tolist() == [2, 2]
+    ranks = torch.tensor([1, 10, 11])
+    assert math.isclose(hit_rate(ranks, 10), 2 / 3)
+    assert math.isclose(ndcg(ranks, 10), (1 + 1 / math.log2(11)) / 3)
+    assert math.isclose(mrr(ranks, 10), (1 + 0.1) / 3)
+    assert summarize([float("inf")], (5,)) == {"hr@5": 0.0, "ndcg@5": 0.0, "mrr@5": 0.0}
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_left_pad_and_splits(tmp_path):
+    assert left_pad([[1, 2, 3], [4]], 2).tolist() == [[2, 3], [0, 4]]
+    make_toy_dataset(tmp_path, num_users=4, num_items=10, seq_len=6)
+    data = load_sequences(tmp_path / "ingest/sequences.parquet", tmp_path / "ingest/popularity.parquet", max_len=3)
+    assert data.train.shape == (4, 4) and data.valid.inputs.shape == (4, 3)
+    # test inputs end with the validation item; validation inputs end with the last training item
+    assert torch.equal(data.test.inputs[:, -1], data.valid.targets)
+    assert torch.equal(data.valid.inputs[:, -1], data.train[:, -1])
+    assert (data.test.history == data.valid.targets[:, None]).any(1).all()
+
+
+def test_epoch_batches_split_evenly_and_repeat():
+    a = epoch_batches(10, 2, seed=1, epoch=3, rank=0, world_size=3)
+    b = epoch_batches(10, 2, seed=1, epoch=3, rank=1, world_size=3)
+    assert [len(x) for x in a] == [len(x) for x in b] == [2, 2]  # 10 rows wrapped to 12, 4 per rank
+    assert [x.tolist() for x in a] == [x.tolist() for x in epoch_batches(10, 2, seed=1, epoch=3, rank=0, world_size=3)]
+    assert [x.tolist() for x in epoch_batches(10, 10, 1, 3)] != [x.tolist() for x in epoch_batches(10, 10, 1, 4)]
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return make_toy_dataset(tmp_path_factory.mktemp("toy"), num_users=16, num_items=20, seq_len=7)
+
+
+def toy_config(root: Path, variant: str = "odmt", backbone: str = "sasrec", **kw) -> TrainConfig:
+    model = ModelConfig(variant=variant, backbone=backbone, width=8, max_len=4, imt_layers=1, seq_layers=1)
+    return TrainConfig(
+        model=model,
+        epochs=kw.pop("epochs", 1),
+        batch_size=kw.pop("batch_size", 8),
+        distill=DistillConfig(tau=0.5, ramp=2.0),
+        sequences=str(root / "ingest/sequences.parquet"),
+        popularity=str(root / "ingest/popularity.parquet"),
+        text_features=str(root / "features/text.parquet"),
+        image_features=str(root / "features/image.parquet"),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_and_backbone_trains_and_loads(toy, tmp_path, variant, backbone):
+    _, info = train(toy_config(toy, variant, backbone), tmp_path / "run", tmp_path / "logs")
+    assert info["branches"] == list(VARIANTS[variant].branches) and info["best_epoch"] == 1
+    for split in ("valid", "test"):
+        assert 0.0 <= info[split]["fused"]["hr@10"] <= 1.0
+    model, loaded = load_trained(tmp_path / "run")
+    assert loaded == info and not model.training
+    assert model.item_vectors().shape == (21, len(info["branches"]) * 8)
+    assert (tmp_path / "logs/metrics.json").exists() and (tmp_path / "run/checkpoint.pt").exists()
+
+
+def test_resume_equals_uninterrupted(toy, tmp_path):
+    cfg = toy_config(toy, epochs=3)
+    _, whole = train(cfg, tmp_path / "whole", tmp_path / "whole-logs")
+    # "killed" after epoch 1: only its checkpoint survives; the rerun continues from it
+    train(dataclasses.replace(cfg, epochs=1), tmp_path / "split", tmp_path / "split-logs")
+    (tmp_path / "split/model.pt").unlink()
+    torch.manual_seed(12345)  # the global RNG state must not matter
+    _, resumed = train(cfg, tmp_path / "split", tmp_path / "split-logs")
+    assert resumed == whole
+    a = torch.load(tmp_path / "whole/model.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "split/model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = (tmp_path / "split-logs/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in steps[1:]] == ["1", "2", "3"]  # dvclive continued
+
+
+def test_changed_params_start_afresh(toy, tmp_path):
+    cfg = toy_config(toy, epochs=1)
+    train(cfg, tmp_path / "run", tmp_path / "logs")
+    _, changed = train(dataclasses.replace(cfg, lr=0.01), tmp_path / "run", tmp_path / "logs")
+    _, fresh = train(dataclasses.replace(cfg, lr=0.01), tmp_path / "fresh", tmp_path / "fresh-logs")
+    assert changed == fresh
+
+
+def _ddp_worker(rank: int, ports: tuple[int, int], root: Path, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    for port, gather in zip(ports, (False, True)):  # in-batch negatives per rank, then gathered
+        os.environ["MASTER_PORT"] = str(port)  # a fresh process group per run
+        model, _ = train(toy_config(root, epochs=2, batch_size=4, gather_negatives=gather), out / f"run-{gather}", out / f"logs-{gather}")
+        torch.save(model.state_dict(), out / f"rank{rank}-{gather}.pt")
+
+
+def _free_ports(n: int) -> tuple[int, ...]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:  # all bound at once, so the ports differ
+        s.bind(("127.0.0.1", 0))
+    ports = tuple(s.getsockname()[1] for s in sockets)
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_ddp_two_cpu_processes_agree(toy, tmp_path):
+    mp.spawn(_ddp_worker, args=(_free_ports(2), toy, tmp_path), nprocs=2, join=True)
+    torch.manual_seed(1)  # the initial weights (seed 1)
+    initial = build_model(toy_config(toy), 20).state_dict()
+    finals = []
+    for gather in (False, True):
+        rank0, rank1 = (torch.load(tmp_path / f"rank{r}-{gather}.pt") for r in (0, 1))
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # both ranks hold the same weights
+        written = torch.load(tmp_path / f"run-{gather}/model.pt", weights_only=False)["state_dict"]
+        assert all(torch.equal(written[k], rank0[k]) for k in rank0)  # rank 0 wrote them
+        assert any(not torch.equal(initial[k], rank0[k]) for k in rank0)  # and they trained
+        assert (tmp_path / f"logs-{gather}/metrics.json").exists()
+        finals.append(rank0)
+    assert any(not torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # gathering changes training
