@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import runpy
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
+from pipeline.config import load_section
 from pipeline.metrics import full_ranks, hit_rate, mrr, ndcg, summarize
 from pipeline.models.odmt import VARIANTS, ModelConfig
 from pipeline.training import TrainConfig, build_model, load_trained
@@ -237,3 +241,15 @@ def test_ddp_two_cpu_processes_agree(toy, tmp_path):
         assert (tmp_path / f"logs-{gather}/metrics.json").exists()
         finals.append(rank0)
     assert any(not torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # gathering changes training
+
+
+def test_stage_script_and_paper_params(toy, tmp_path, monkeypatch):
+    paper = load_section(TrainConfig, "train", ROOT / "params-paper.yaml")
+    assert (paper.model.width, paper.model.text_tokens, paper.model.image_tokens, paper.batch_size, paper.lr) == (768, 30, 50, 128, 1e-4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": dataclasses.asdict(toy_config(toy))}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--variant", "sasrec_id", "--seed", "3", "--params", "params.yaml"])
+    runpy.run_path(str(ROOT / "stages/train.py"), run_name="__main__")
+    model, info = load_trained(tmp_path / "models/sasrec_id-s3")
+    assert (info["variant"], info["seed"], info["branches"]) == ("sasrec_id", 3, ["id"])
+    assert (tmp_path / "logs/sasrec_id-s3/metrics.json").exists()

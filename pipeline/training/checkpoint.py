@@ -1,9 +1,10 @@
 """The resumable training checkpoint and the final model file.
 
-checkpoint.pt (written after every epoch): model, optimiser, scaler, completed epoch, best
-validation score and its epoch, best weights, epochs without improvement, RNG states and the
-params. A run resumes from it only when its params equal the current ones apart from `epochs`
-(so a finished run can also be extended); otherwise it starts afresh.
+checkpoint.pt (written after every epoch): model, optimiser and scaler states, the completed
+epoch, the best validation score, its epoch and weights, the epochs without improvement, and
+the params. No RNG state is needed: every epoch reseeds from (seed, epoch, rank). A run
+resumes from it only when its params equal the current ones apart from `epochs` (so a
+finished run can also be extended); otherwise it starts afresh.
 model.pt: the best-validation weights, the params and an info dict (see load_trained).
 """
 
@@ -16,16 +17,6 @@ import torch
 
 from ..io import atomic_path
 from ..progress import log
-
-
-def rng_states() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
