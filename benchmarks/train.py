@@ -1,6 +1,7 @@
 """Training throughput: sequences/s and peak memory of the default and the paper configuration.
 
-    python benchmarks/train.py [--steps 5] [--paper-steps 2] [--data synthetic|real] [--out benchmarks/results/train.json]
+    python benchmarks/train.py [--steps 5] [--paper-steps 2] [--data synthetic|real] [--threads N]
+                               [--out benchmarks/results/train.json]
 
 Each configuration runs in its own fresh process (so peak memory is its own): the model is
 built, one warm-up step is taken, then --steps optimiser steps of the real training step are
@@ -85,15 +86,17 @@ def measure(cfg: TrainConfig, steps: int) -> dict:
     }
 
 
-def _child(cfg: TrainConfig, steps: int, queue) -> None:
+def _child(cfg: TrainConfig, steps: int, threads: int | None, queue) -> None:
     setup_logging()
+    if threads:
+        torch.set_num_threads(threads)
     queue.put(measure(cfg, steps))
 
 
-def in_fresh_process(cfg: TrainConfig, steps: int) -> dict:
+def in_fresh_process(cfg: TrainConfig, steps: int, threads: int | None) -> dict:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(cfg, steps, queue))
+    process = context.Process(target=_child, args=(cfg, steps, threads, queue))
     process.start()
     result = queue.get()
     process.join()
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps, default configuration")
     parser.add_argument("--paper-steps", type=int, default=2, help="timed steps, paper configuration")
     parser.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 on a busy shared machine")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--paper-params", default=str(ROOT / "params-paper.yaml"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train.json"))
@@ -125,7 +129,7 @@ def main() -> None:
         results = {}
         for name, cfg, steps in (("default", default, args.steps), ("paper", paper, args.paper_steps)):
             log.info("measuring the %s configuration (%d steps)", name, steps)
-            results[name] = in_fresh_process(cfg, steps)
+            results[name] = in_fresh_process(cfg, steps, args.threads)
             log.info("%s: %s", name, results[name])
     report = {
         "data": args.data,

@@ -9,6 +9,8 @@ checkpoint.pt, from which a killed run resumes) and dvclive output in logs/{vari
 
 import argparse
 import dataclasses
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def main() -> None:
     parser.add_argument("--models", default="models", help="folder of the run folders")
     parser.add_argument("--logs", default="logs", help="folder of the dvclive folders")
     args = parser.parse_args()
-    setup_logging()
+    setup_logging(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # DDP: rank 0 reports
     cfg = load_section(TrainConfig, "train", args.params)
     if args.variant:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant=args.variant))

@@ -253,3 +253,13 @@ def test_stage_script_and_paper_params(toy, tmp_path, monkeypatch):
     model, info = load_trained(tmp_path / "models/sasrec_id-s3")
     assert (info["variant"], info["seed"], info["branches"]) == ("sasrec_id", 3, ["id"])
     assert (tmp_path / "logs/sasrec_id-s3/metrics.json").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_amp_training_and_cpu_loading(toy, tmp_path):
+    model, info = train(toy_config(toy, epochs=2), tmp_path / "run", tmp_path / "logs")
+    assert next(model.parameters()).is_cuda
+    saved = torch.load(tmp_path / "run/checkpoint.pt", weights_only=False)
+    assert saved["scaler"]  # the float16 loss scaler is in use and checkpointed
+    loaded, _ = load_trained(tmp_path / "run", device="cpu")
+    assert not next(loaded.parameters()).is_cuda and loaded.item_vectors().shape[0] == 21

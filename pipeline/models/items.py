@@ -52,7 +52,8 @@ class ItemSources(nn.Module):
             raise ValueError(f"{name} features cover {features.num_items} items, the sequences {self.num_items}; rerun the feature stage")
         keep = min(max_tokens, features.tokens.shape[1])  # the first tokens: CLS/pooled first
         self.register_buffer(f"{name}_tokens", features.tokens[:, :keep].contiguous(), persistent=False)
-        self.register_buffer(f"{name}_mask", features.mask[:, :keep].contiguous(), persistent=False)
+        if name == "text":  # image keys are always visible in the IMT: only text has padding
+            self.register_buffer("text_mask", features.mask[:, :keep].contiguous(), persistent=False)
         return nn.Linear(features.tokens.shape[2], width)
 
     def text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
