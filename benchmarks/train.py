@@ -4,9 +4,9 @@
                                [--out benchmarks/results/train.json]
 
 Each configuration runs in its own fresh process (so peak memory is its own): the model is
-built, one warm-up step is taken, then --steps optimiser steps of the real training step are
-timed, and one full validation pass (item vectors of the whole catalogue + exact ranking of
-every user). `synthetic` data has the embedded dataset's shape (943 users, 1,332 items, 13
+built, two warm-up steps are taken, then --steps optimiser steps of the real training step are
+timed (the median step is reported), and one full validation pass (item vectors of the whole
+catalogue + exact ranking of every user). `synthetic` data has the embedded dataset's shape (943 users, 1,332 items, 13
 training items per user, text 30 x 384, image 50 x 1280) with random content, written to a
 temporary folder; its users walk the catalogue, so a batch holds more distinct items than
 real data does (slower: a conservative figure). `real` uses data/ingest and data/features.
@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +43,8 @@ from pipeline.training.loss import log_popularity  # noqa: E402
 from pipeline.training.trainer import evaluate, train_step  # noqa: E402
 from tests.toy import make_toy_dataset  # noqa: E402
 
+WARMUP_STEPS = 2  # untimed: the first steps load kernels and size the allocator (much slower on CUDA)
+
 
 def measure(cfg: TrainConfig, steps: int) -> dict:
     env = ddp.setup()
@@ -53,20 +56,20 @@ def measure(cfg: TrainConfig, steps: int) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     log_p = log_popularity(data.train_counts).to(env.device)
     batches = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1)
-    batches = [batches[i % len(batches)] for i in range(steps + 1)]
+    batches = [batches[i % len(batches)] for i in range(steps + WARMUP_STEPS)]
     model.train()
-    timed = 0.0
+    step_s = []
     for i, rows in enumerate(batches):
         started = time.perf_counter()
         train_step(model, model, optimizer, scaler, data.train[rows].to(env.device), cfg, env, 1.0, log_p, use_amp)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
-        if i > 0:  # the first step warms up
-            timed += time.perf_counter() - started
+        if i >= WARMUP_STEPS:
+            step_s.append(time.perf_counter() - started)
+    median_step_s = statistics.median(step_s)
     started = time.perf_counter()
     evaluate(model, data.valid, cfg.eval_batch_size)
     validation_s = time.perf_counter() - started
-    sequences = sum(len(rows) for rows in batches[1:])
     steps_per_epoch = len(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1))
     return {
         "variant": cfg.model.variant,
@@ -77,10 +80,10 @@ def measure(cfg: TrainConfig, steps: int) -> dict:
         "device": str(env.device),
         "threads": torch.get_num_threads(),
         "steps_timed": steps,
-        "seconds_per_step": timed / steps,
-        "sequences_per_s": sequences / timed,
+        "seconds_per_step": median_step_s,  # median: one slow step (a GC, a late kernel load) does not move it
+        "sequences_per_s": cfg.batch_size / median_step_s,
         "validation_s": validation_s,
-        "estimated_epoch_s": steps_per_epoch * timed / steps + validation_s,
+        "estimated_epoch_s": steps_per_epoch * median_step_s + validation_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if env.device.type == "cuda" else None,
     }

@@ -45,7 +45,8 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
     run_dir, log_dir = Path(run_dir), Path(log_dir)
 
     state = {"epoch": 0, "best_score": float("-inf"), "best_epoch": 0, "best_state": None, "bad_epochs": 0}
-    saved = checkpoint.load_compatible(run_dir / "checkpoint.pt", params)
+    inputs = checkpoint.input_digests([cfg.sequences, cfg.popularity, cfg.text_features, cfg.image_features])
+    saved = checkpoint.load_compatible(run_dir / "checkpoint.pt", params, inputs)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -80,7 +81,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
         )
         if env.is_main:
             _log_epoch(live, epoch, losses, weight, valid)
-            snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "params": params}
+            snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "params": params, "inputs": inputs}
             checkpoint.save({**snapshot, **state}, run_dir / "checkpoint.pt")
 
     progress.close()
