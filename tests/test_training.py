@@ -109,6 +109,21 @@ def test_distillation_pairs_and_teacher_gradient(detach):
     assert (logits["id"].grad is None) == detach  # the teacher learns too unless detached
 
 
+
+def test_a_live_teacher_is_sharpened_onto_the_students_top_item():
+    # Why params.yaml detaches the teacher: even when teacher and student already agree, the
+    # soft cross-entropy (unlike a KL divergence) still has a gradient w.r.t. the teacher, and
+    # it moves the teacher's mass onto the student's top item.
+    student = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    teacher = student.clone().requires_grad_(True)
+    soft_cross_entropy(student, teacher, tau=1.0).backward()
+    before, after = student.softmax(1), (teacher - teacher.grad).softmax(1)
+
+    def entropy(p):
+        return -(p * p.log()).sum().item()
+
+    assert after[0, 0] > before[0, 0] and entropy(after) < entropy(before)
+
 # --- metrics ----------------------------------------------------------------------------------
 
 
@@ -198,6 +213,17 @@ def test_resume_equals_uninterrupted(toy, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = (tmp_path / "split-logs/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in steps[1:]] == ["1", "2", "3"]  # dvclive continued
+
+
+def test_a_checkpoint_from_other_input_data_is_not_resumed(tmp_path):
+    # DVC keeps checkpoint.pt across reruns: after new data (same params) training must restart.
+    data = tmp_path / "data"
+    make_toy_dataset(data, num_users=16, num_items=20, seq_len=7, seed=0)
+    train(toy_config(data, epochs=1), tmp_path / "run", tmp_path / "logs")
+    make_toy_dataset(data, num_users=16, num_items=20, seq_len=7, seed=1)
+    _, after_new_data = train(toy_config(data, epochs=2), tmp_path / "run", tmp_path / "logs")
+    _, fresh = train(toy_config(data, epochs=2), tmp_path / "fresh", tmp_path / "fresh-logs")
+    assert after_new_data == fresh
 
 
 def test_changed_params_start_afresh(toy, tmp_path):
