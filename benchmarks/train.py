@@ -37,23 +37,17 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import load_params, load_section  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.progress import log, setup_logging  # noqa: E402
-from pipeline.training import TrainConfig, build_model, ddp  # noqa: E402
-from pipeline.training.data import epoch_batches, load_sequences  # noqa: E402
+from pipeline.training import TrainConfig  # noqa: E402
+from pipeline.training.data import epoch_batches  # noqa: E402
 from pipeline.training.loss import log_popularity  # noqa: E402
-from pipeline.training.trainer import evaluate, train_step  # noqa: E402
+from pipeline.training.trainer import evaluate, set_up, train_step  # noqa: E402
 from tests.toy import make_toy_dataset  # noqa: E402
 
 WARMUP_STEPS = 2  # untimed: the first steps load kernels and size the allocator (much slower on CUDA)
 
 
 def measure(cfg: TrainConfig, steps: int) -> dict:
-    env = ddp.setup()
-    torch.manual_seed(cfg.seed)
-    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
-    model = build_model(cfg, data.num_items).to(env.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and env.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    env, data, model, optimizer, scaler, use_amp = set_up(cfg)
     log_p = log_popularity(data.train_counts).to(env.device)
     batches = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1)
     batches = [batches[i % len(batches)] for i in range(steps + WARMUP_STEPS)]

@@ -13,7 +13,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from dvclive import Live
@@ -24,7 +24,7 @@ from ..metrics import full_ranks, summarize
 from ..models.odmt import ODMT, VARIANTS
 from ..progress import Progress, log
 from . import TrainConfig, build_model, checkpoint, ddp
-from .data import Split, epoch_batches, load_sequences
+from .data import SequenceData, Split, epoch_batches, load_sequences
 from .distillation import distillation_terms, ramp_weight
 from .loss import branch_logits, cross_entropy, in_batch, log_popularity
 
@@ -33,14 +33,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
     """Train one run; writes run_dir/model.pt, run_dir/checkpoint.pt and dvclive output in
     log_dir (rank 0). Returns the model with its best-validation weights and the info dict
     stored in model.pt."""
-    env = ddp.setup()
-    _deterministic(env)
-    torch.manual_seed(cfg.seed)
-    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
-    model = build_model(cfg, data.num_items).to(env.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and env.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    env, data, model, optimizer, scaler, use_amp = set_up(cfg)
     params = to_dict(cfg)
     run_dir, log_dir = Path(run_dir), Path(log_dir)
 
@@ -108,6 +101,28 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
     log.info("best epoch %d: test fused HR@10 %.4f NDCG@10 %.4f", state["best_epoch"], results["test"]["fused"]["hr@10"], results["test"]["fused"]["ndcg@10"])
     ddp.cleanup(env)
     return model.eval(), info
+
+
+class RunSetup(NamedTuple):
+    env: ddp.Distributed
+    data: SequenceData
+    model: ODMT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+
+
+def set_up(cfg: TrainConfig) -> RunSetup:
+    """What a run (and the training benchmark) starts from: deterministic kernels, the data, the
+    seeded model, AdamW and the float16 loss scaler (active on CUDA only)."""
+    env = ddp.setup()
+    _deterministic(env)
+    torch.manual_seed(cfg.seed)
+    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
+    model = build_model(cfg, data.num_items).to(env.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and env.device.type == "cuda"
+    return RunSetup(env, data, model, optimizer, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp)
 
 
 def _train_epoch(net, model: ODMT, optimizer, scaler, train: torch.Tensor, cfg: TrainConfig, env, epoch: int, weight: float, log_p, use_amp: bool, progress: Progress) -> dict[str, float]:
