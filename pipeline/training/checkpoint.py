@@ -23,8 +23,10 @@ from ..progress import log
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a file object: given a path, torch.save names the archive's records after it (the
+    # random temp name), so the same weights would hash differently and DVC would rerun scoring.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def input_digests(paths: list[str | Path]) -> dict[str, str]:
