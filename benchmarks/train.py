@@ -6,10 +6,10 @@
 Each configuration runs in its own fresh process (so peak memory is its own): the model is
 built, two warm-up steps are taken, then --steps optimiser steps of the real training step are
 timed (the median step is reported), and one full validation pass (item vectors of the whole
-catalogue + exact ranking of every user). `synthetic` data has the embedded dataset's shape (943 users, 1,332 items, 13
-training items per user, text 30 x 384, image 50 x 1280) with random content, written to a
-temporary folder; its users walk the catalogue, so a batch holds more distinct items than
-real data does (slower: a conservative figure). `real` uses data/ingest and data/features.
+catalogue + exact ranking of every user). `synthetic` data has the embedded dataset's shape
+(943 users, 1,332 items, 13 training items per user, text 30 x 384, image 50 x 1280) with
+random content, written to a temporary folder; its users walk the catalogue, so a batch holds
+more distinct items than real data does (slower: a conservative figure). `real` uses data/ingest and data/features.
 Default config: the `train` section of params.yaml (TrainConfig defaults if absent); paper
 config: params-paper.yaml. Peak memory is this process's maximum resident set size (and the
 CUDA peak on a GPU). The load average is recorded: on a shared machine other jobs slow every figure.
