@@ -48,14 +48,12 @@ def load_compatible(path: Path, params: dict[str, Any], inputs: dict[str, str]) 
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {k: v for k, v in state["params"].items() if k != "epochs"}
-    current = {k: v for k, v in params.items() if k != "epochs"}
-    if saved != current:
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        log.info("%s: params changed (%s); starting afresh", path, ", ".join(changed))
-        return None
-    if state.get("inputs") != inputs:
-        changed = sorted(k for k in set(state.get("inputs") or {}) | set(inputs) if (state.get("inputs") or {}).get(k) != inputs.get(k))
-        log.info("%s: input files changed (%s); starting afresh", path, ", ".join(changed))
-        return None
+    for what, saved, current in (
+        ("params", {k: v for k, v in state["params"].items() if k != "epochs"}, {k: v for k, v in params.items() if k != "epochs"}),
+        ("input files", state.get("inputs", {}), inputs),
+    ):
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        if changed:
+            log.info("%s: %s changed (%s); starting afresh", path, what, ", ".join(changed))
+            return None
     return state
