@@ -8,6 +8,7 @@ that names the full key (``train.lr: expected float, got str 'fast'``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,14 +23,31 @@ class ConfigError(ValueError):
     """A params value that does not fit its declared type."""
 
 
+# Every top-level section a params file may hold: one per stage, plus `runs` (the train/score/
+# evaluate matrix that dvc.yaml reads). Anything else is most likely a misspelling (`trian:`)
+# whose values would otherwise be ignored without a word.
+SECTIONS = ("ingest", "text_features", "image_features", "runs", "train", "score", "evaluate", "report")
+
+# YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string; users write numbers that way.
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found (run from the project root or pass --params)")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
+    unknown = sorted(str(k) for k in data if k not in SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown section (known: {', '.join(SECTIONS)})")
     return data
 
 
@@ -102,6 +120,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if tp in (float, int) and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        number = float(value)
+        value = int(number) if tp is int and number.is_integer() else number
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {_describe(value)}")
