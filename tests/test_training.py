@@ -208,8 +208,8 @@ def test_resume_equals_uninterrupted(toy, tmp_path):
     torch.manual_seed(12345)  # the global RNG state must not matter
     _, resumed = train(cfg, tmp_path / "split", tmp_path / "split-logs")
     assert resumed == whole
-    a = torch.load(tmp_path / "whole/model.pt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "split/model.pt", weights_only=False)["state_dict"]
+    a = torch.load(tmp_path / "whole/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "split/model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # byte for byte too, so DVC sees an unchanged model.pt and does not rerun scoring
     assert (tmp_path / "whole/model.pt").read_bytes() == (tmp_path / "split/model.pt").read_bytes()
@@ -263,7 +263,7 @@ def test_ddp_two_cpu_processes_agree(toy, tmp_path):
     for gather in (False, True):
         rank0, rank1 = (torch.load(tmp_path / f"rank{r}-{gather}.pt") for r in (0, 1))
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # both ranks hold the same weights
-        written = torch.load(tmp_path / f"run-{gather}/model.pt", weights_only=False)["state_dict"]
+        written = torch.load(tmp_path / f"run-{gather}/model.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(written[k], rank0[k]) for k in rank0)  # rank 0 wrote them
         assert any(not torch.equal(initial[k], rank0[k]) for k in rank0)  # and they trained
         assert (tmp_path / f"logs-{gather}/metrics.json").exists()
@@ -287,7 +287,7 @@ def test_stage_script_and_paper_params(toy, tmp_path, monkeypatch):
 def test_cuda_amp_training_and_cpu_loading(toy, tmp_path):
     model, info = train(toy_config(toy, epochs=2), tmp_path / "run", tmp_path / "logs")
     assert next(model.parameters()).is_cuda
-    saved = torch.load(tmp_path / "run/checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
     assert saved["scaler"]  # the float16 loss scaler is in use and checkpointed
     loaded, _ = load_trained(tmp_path / "run", device="cpu")
     assert not next(loaded.parameters()).is_cuda and loaded.item_vectors().shape[0] == 21

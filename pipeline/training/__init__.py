@@ -11,6 +11,7 @@ import torch
 
 from ..config import from_dict
 from ..models.odmt import ODMT, VARIANTS, ModelConfig
+from . import checkpoint
 from .data import load_features
 from .distillation import DistillConfig
 
@@ -62,7 +63,7 @@ def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[ODM
     path = Path(run_dir) / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained model; run the train stage for this variant and seed")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = checkpoint.load(path)
     cfg = from_dict(TrainConfig, saved["params"], f"{path} params")
     model = build_model(cfg, saved["info"]["num_items"])
     model.load_state_dict(saved["state_dict"])

@@ -20,6 +20,7 @@ from dvclive import Live
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import to_dict
+from ..io import atomic_path
 from ..metrics import full_ranks, summarize
 from ..models.odmt import ODMT, VARIANTS
 from ..progress import Progress, log
@@ -39,7 +40,8 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
 
     state = {"epoch": 0, "best_score": float("-inf"), "best_epoch": 0, "best_state": None, "bad_epochs": 0}
     inputs = checkpoint.input_digests([cfg.sequences, cfg.popularity, cfg.text_features, cfg.image_features])
-    saved = checkpoint.load_compatible(run_dir / "checkpoint.pt", params, inputs)
+    code = checkpoint.code_digest()
+    saved = checkpoint.load_compatible(run_dir / "checkpoint.pt", params, inputs, code)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -47,7 +49,11 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
         state = {k: saved[k] for k in state}
         log.info("resuming %s after epoch %d", run_dir, state["epoch"])
     net = DistributedDataParallel(model, broadcast_buffers=False) if env.enabled else model
-    live = Live(str(log_dir), resume=saved is not None, save_dvc_exp=False, dvcyaml=None) if env.is_main else None
+    live = None
+    if env.is_main:
+        if saved is not None:  # a run killed after logging an epoch but before its checkpoint
+            _drop_curve_steps_after(log_dir, state["epoch"])
+        live = Live(str(log_dir), resume=saved is not None, save_dvc_exp=False, dvcyaml=None)
     log_p = log_popularity(data.train_counts).to(env.device) if cfg.logq else None
     distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0
     rows_per_epoch = sum(map(len, epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1, env.rank, env.world_size)))
@@ -74,7 +80,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
         )
         if env.is_main:
             _log_epoch(live, epoch, losses, weight, valid)
-            snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "params": params, "inputs": inputs}
+            snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "params": params, "inputs": inputs, "code": code}
             checkpoint.save({**snapshot, **state}, run_dir / "checkpoint.pt")
 
     progress.close()
@@ -198,6 +204,18 @@ def _log_epoch(live: Live, epoch: int, losses: dict[str, float], weight: float, 
         for name in ("hr@10", "ndcg@10"):
             live.log_metric(f"valid/{branch}/{name}", metrics[name])
     live.next_step()
+
+
+def _drop_curve_steps_after(log_dir: Path, step: int) -> None:
+    """Cut dvclive's curve files (tab-separated, with a `step` column) back to `step`, so that a
+    resumed run does not write the steps of the interrupted epoch twice."""
+    for curve in (log_dir / "plots" / "metrics").rglob("*.tsv"):
+        header, *rows = curve.read_text().splitlines(keepends=True)
+        step_column = header.rstrip("\n").split("\t").index("step")
+        kept = [row for row in rows if int(row.split("\t")[step_column]) <= step]
+        if len(kept) < len(rows):
+            with atomic_path(curve) as tmp:
+                tmp.write_text(header + "".join(kept))
 
 
 def _deterministic(env: ddp.Distributed) -> None:
