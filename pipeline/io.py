@@ -7,6 +7,7 @@ interrupted stage never leaves a half-written file for DVC (or the next stage) t
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -26,9 +27,14 @@ PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True, use_dictionary
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path; on success it replaces ``target``, on error it is removed."""
+    """Yield a temporary path; on success it replaces ``target``, on error it is removed.
+
+    A killed process leaves its temp file behind (no `finally` runs): the next write of the same
+    target removes it. Git and DVC ignore the pattern (.gitignore, .dvcignore)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
