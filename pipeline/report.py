@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,6 +184,16 @@ def thumbnail_uri(image: bytes | None, height: int, max_pixels: int = MAX_PIXELS
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
+# Shown as U+FFFD: C0 controls but tab and newline, DEL and C1 controls, bidi embeddings,
+# overrides and isolates (a title with U+202E would reverse the text around it on the page).
+UNSAFE_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """Text for an HTML page: markup escaped, control and bidi-override characters replaced."""
+    return html.escape(UNSAFE_CHARACTERS.sub("\ufffd", text))
+
+
 def showcase_users(num_users: int, count: int) -> np.ndarray:
     """Row positions evenly spread over the user list: no cherry-picking of good cases."""
     return np.unique(np.linspace(0, num_users - 1, min(count, num_users)).round().astype(int))
@@ -224,7 +235,7 @@ def recommendations_html(
     thumbs = {item: thumbnail_uri(data, config.thumb_height, config.max_pixels) for item, data in image_bytes.items()}
 
     def card(item: int, note: str = "", hit: bool = False) -> str:
-        title = html.escape(titles.get(item) or f"item {item}")
+        title = escape(titles.get(item) or f"item {item}")
         uri = thumbs.get(item)
         picture = f'<img src="{uri}" alt="{title}">' if uri else f'<div class="none">{title}</div>'
         frame = ' class="hit"' if hit else ""
@@ -238,14 +249,14 @@ def recommendations_html(
         hit = target in top
         verdict = f"held-out item at rank {top.index(target) + 1}" if hit else f"held-out item not in the top {config.top_n}"
         sections.append(
-            f"<section><h2>User {html.escape(key)} <small>({verdict})</small></h2>"
+            f"<section><h2>User {escape(key)} <small>({verdict})</small></h2>"
             + row("Recent history, oldest first", [card(i) for i in history])
             + row(f"Top {config.top_n} recommendations", [card(i, f"{rank}. ", i == target) for rank, i in enumerate(top, 1)])
             + row("Held-out next item", [card(target, "", hit)])
             + "</section>"
         )
     style = STYLE.replace("WIDTH", str(config.thumb_height * 2 // 3)).replace("HEIGHT", str(config.thumb_height))
-    title = f"Recommendations of {html.escape(config.showcase_run)}"
+    title = f"Recommendations of {escape(config.showcase_run)}"
     intro = (
         f"Test split. Each user's recent history (the model's input; history items are never recommended), "
         f"the top {config.top_n} over the whole catalogue, and the item the user really watched next, framed green "
