@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .base import RawSource, read_table, require_columns, to_int64
+from .base import RawSource, ReadableRows, read_table, require_columns, to_int64
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,11 @@ def read_movielens_mm(path: Path, options: MovielensOptions) -> RawSource:
     ratings_path = path / options.ratings_file
     ratings = read_table(ratings_path)
     require_columns(ratings, ["user_id", "movie_id", "unix_timestamp"], ratings_path)
-    interactions = pl.DataFrame(
-        {
-            "user_key": ratings["user_id"],
-            "item_key": ratings["movie_id"],
-            "timestamp": to_int64(ratings, "unix_timestamp", ratings_path),
-        }
-    )
+    readable = ReadableRows(ratings_path, ratings.height)
+    raw_times = ratings["unix_timestamp"]
+    times = readable.check("unix_timestamp", raw_times, to_int64(raw_times), "bad_timestamp", "an integer")
+    interactions = pl.DataFrame({"user_key": ratings["user_id"], "item_key": ratings["movie_id"], "timestamp": times})
+    interactions = interactions.filter(readable.keep)
 
     items_path = path / options.items_file
     movies = read_table(items_path)
@@ -46,4 +44,4 @@ def read_movielens_mm(path: Path, options: MovielensOptions) -> RawSource:
         pl.concat_str(pl.lit(f"{posters}/"), pl.col("movie_id"), pl.lit(".jpg")).alias("image_path"),
         pl.lit(None, pl.String).alias("image_url"),
     )
-    return RawSource(interactions=interactions, items=items)
+    return RawSource(interactions=interactions, items=items, bad_values=readable.bad_values, image_roots=(path,))
