@@ -27,6 +27,7 @@ folder (`image_outside_root` otherwise), and only through the guarded `pipeline.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -165,7 +166,7 @@ def split(inter: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 def pack_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...], dropped: Counter) -> tuple[pa.Table, list[bool]]:
     """Read each item's local image file into bytes; refused, missing or unreadable ones are counted."""
     data: list[bytes | None] = []
-    roots = tuple(root.resolve() for root in roots)
+    roots = tuple(root.absolute() for root in roots)
     progress = Progress("ingest: packing images", total=items.height)
     for key, path, url, refused in items.select("item_key", "image_path", "image_url", "image_refused").iter_rows():
         image, problem = _read_image(path, url, refused, rules, roots)
@@ -188,9 +189,9 @@ def _read_image(
         return None, refused
     if path is None:
         return None, "image_url_only" if url else "image_none"
-    file = Path(path).resolve()  # `..` and symlinks resolved before the file itself is looked at
-    if not any(file.is_relative_to(root) for root in roots):
+    if not inside(Path(path), roots):
         return None, "image_outside_root"
+    file = Path(path)
     if not file.is_file():
         return None, "image_missing"
     if file.stat().st_size > rules.max_image_bytes:
@@ -207,6 +208,17 @@ def _read_image(
     return data, None
 
 
+def inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether `path` lies in one of the (absolute) `roots`, both as written (`..` removed: a
+    path that climbs out is refused without a system call) and with every symlink resolved.
+    Only the links on the way are read (lstat, readlink); the file itself is not stat'ed or opened."""
+    lexical = Path(os.path.normpath(path.absolute()))
+    real = Path(os.path.realpath(path))
+    return any(lexical.is_relative_to(os.path.normpath(root)) for root in roots) and any(
+        real.is_relative_to(os.path.realpath(root)) for root in roots
+    )
+
+
 def check_bad_values(bad_values: list[BadValues], max_fraction: float) -> None:
     """Log the rows adapters dropped for an unreadable value; stop when a column is mostly unreadable."""
     for bad in bad_values:
@@ -220,9 +232,9 @@ def check_bad_values(bad_values: list[BadValues], max_fraction: float) -> None:
 
 def nothing_left(rows_read: int, dropped: Counter, rules: SplitRules) -> str:
     """Why no user is left: every rule that removed interactions, with its count."""
-    if rows_read == 0 and not any(dropped.values()):
-        return "ingest: no interactions read: the interactions file holds no data rows"
     removed = ", ".join(f"{reason} {n}" for reason, n in dropped.items() if n and reason not in ("duplicate_item", "unused_item"))
+    if not removed:
+        return "ingest: no interactions read: the interactions file holds no data rows"
     return (
         f"ingest: no users left after the rules ({rows_read} interactions read; removed: {removed}). "
         f"short_user: interactions of users with fewer than min_user_interactions ({rules.min_user_interactions}); "
