@@ -93,8 +93,15 @@ def write_generic(root: Path, pictures: dict[str, str | None], times: list[str] 
     items = ["item,title,text,picture"] + [f"i{k},Item {k},text {k},{pictures.get(f'i{k}') or ''}" for k in range(1, 6)]
     (root / "items.csv").write_text("\n".join(items) + "\n")
     return GenericOptions(
-        interactions_file="inter.csv", user_column="user", item_column="item", timestamp_column="time",
-        items_file="items.csv", item_key_column="item", title_column="title", text_columns=("text",), image_column="picture",
+        interactions_file="inter.csv",
+        user_column="user",
+        item_column="item",
+        timestamp_column="time",
+        items_file="items.csv",
+        item_key_column="item",
+        title_column="title",
+        text_columns=("text",),
+        image_column="picture",
     )
 
 
@@ -102,7 +109,9 @@ def has_image(result, key: str) -> bool:
     return result.items.filter(result.items["item_key"] == key)["has_image"][0]
 
 
-def write_movielens(root: Path, times: list[str], posters: dict[str, bytes] | None = None, movie_ids: list[str] | None = None) -> Path:
+def write_movielens(
+    root: Path, times: list[str], posters: dict[str, bytes] | None = None, movie_ids: list[str] | None = None
+) -> Path:
     """ratings.csv with one row per time (40 users x 20 movies when there are 800), items.csv, posters."""
     root.mkdir(parents=True, exist_ok=True)
     movie_ids = movie_ids or [str(m) for m in range(1, 21)]
@@ -275,7 +284,9 @@ class TestPaths:
         assert result.report["counts"]["image_outside_root"] == 1 and not under(touched, outside)
 
     def test_image_dir_outside_needs_the_param(self, tmp_path, outside):
-        options = replace(write_generic(tmp_path / "data", {"i1": "secret.png", "i2": str(outside / "secret.png")}), image_dir=str(outside))
+        options = replace(
+            write_generic(tmp_path / "data", {"i1": "secret.png", "i2": str(outside / "secret.png")}), image_dir=str(outside)
+        )
         with pytest.raises(SourceError, match=r"image_dir lies outside the dataset folder .*allow_absolute_image_paths: true"):
             read_generic(tmp_path / "data", options)
         result = ingest(read_generic(tmp_path / "data", replace(options, allow_absolute_image_paths=True)), SplitRules())
@@ -320,7 +331,9 @@ class TestPaths:
         (root / "transactions_train.csv").write_text("\n".join(rows) + "\n")
         (root / "articles.csv").write_text(f"article_id,prod_name,detail_desc\n{key},Top,Jersey\n")
         touched.clear()
-        result = ingest(read_hm(root, HMOptions(images_dir="../outside", text_columns=("detail_desc",))), SplitRules(min_user_interactions=3))
+        result = ingest(
+            read_hm(root, HMOptions(images_dir="../outside", text_columns=("detail_desc",))), SplitRules(min_user_interactions=3)
+        )
         assert result.report["counts"]["image_outside_root"] == 1 and not under(touched, outside)
 
 
@@ -336,13 +349,21 @@ class TestRows:
         result = ingest(read_movielens_mm(root, MovielensOptions()), SplitRules())
         assert result.report["counts"]["bad_timestamp"] == 1 and result.report["users"] == 40
         (bad,) = result.report["bad_values"]
-        assert (bad["column"], bad["rows"], bad["examples"], bad["values_read"]) == ("unix_timestamp", [761], ["'not-a-time'"], 800)
+        assert (bad["column"], bad["rows"], bad["examples"], bad["values_read"]) == (
+            "unix_timestamp",
+            [761],
+            ["'not-a-time'"],
+            800,
+        )
 
     def test_generic_integer_column_with_one_bad_value_names_the_real_row(self, tmp_path):
         # before: the column was parsed as ISO dates and the error blamed row 1 ('1000000', a valid value)
         times = with_bad(valid_times(10), {7: "not-a-time"})
         options = write_generic(tmp_path / "data", {}, times)
-        result = ingest(read_generic(tmp_path / "data", replace(options, image_column=None)), SplitRules(min_user_interactions=4, max_bad_fraction=0.2))
+        result = ingest(
+            read_generic(tmp_path / "data", replace(options, image_column=None)),
+            SplitRules(min_user_interactions=4, max_bad_fraction=0.2),
+        )
         (bad,) = result.report["bad_values"]
         assert (bad["rows"], bad["examples"], result.report["counts"]["bad_timestamp"]) == ([7], ["'not-a-time'"], 1)
 
@@ -363,7 +384,10 @@ class TestRows:
         times = with_bad(valid_times(), {row: "2020-01-01" for row in range(3, 800, 5)})  # 160 of 800: 20%
         root = write_movielens(tmp_path / "ml", times)
         raw = read_movielens_mm(root, MovielensOptions())
-        message = r"ratings\.csv: column 'unix_timestamp' row 3: expected an integer, got '2020-01-01'; 160 of 800 values are unreadable, more than ingest.rules.max_bad_fraction 0.1"
+        message = (
+            r"ratings\.csv: column 'unix_timestamp' row 3: expected an integer, got '2020-01-01'; "
+            r"160 of 800 values are unreadable, more than ingest.rules.max_bad_fraction 0.1"
+        )
         with pytest.raises(SourceError, match=message):
             ingest(raw, SplitRules())
         assert ingest(raw, SplitRules(max_bad_fraction=0.25)).report["counts"]["bad_timestamp"] == 160
@@ -425,7 +449,10 @@ class TestEmpty:
 
     def test_every_user_too_short(self, tmp_path):
         root = write_movielens(tmp_path / "ml", valid_times(80), movie_ids=["1", "2", "3", "4"])  # 20 users x 4
-        with pytest.raises(SourceError, match=r"no users left after the rules \(80 interactions read; removed: .*short_user 80.*min_user_interactions \(5\)"):
+        with pytest.raises(
+            SourceError,
+            match=r"no users left after the rules \(80 interactions read; removed: .*short_user 80.*min_user_interactions \(5\)",
+        ):
             ingest(read_movielens_mm(root, MovielensOptions()), SplitRules())
 
     def test_items_file_without_rows(self, tmp_path):
@@ -441,7 +468,7 @@ class TestEmpty:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "the", "movie", "toy", "story"]) + "\n")
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n.\nthe\nmovie\ntoy\nstory\n")
     return transformers.BertTokenizer(vocab=str(vocab))
 
 
@@ -482,9 +509,13 @@ class TestHtml:
         items = pa.table({"item_idx": np.arange(1, 5, dtype=np.int32), "title": titles})
         images = pa.table({"item_idx": np.arange(1, 5, dtype=np.int32), "image": [bomb(), b"junk", None, image_bytes()]})
         write_table(images, tmp_path / "images.parquet", schema.IMAGES)
-        sequences = pa.table({"user_idx": [0], "user_key": ["u\u202e1"], "train_items": [[1]], "valid_item": [2], "test_item": [3]}).cast(schema.SEQUENCES)
+        sequences = pa.table(
+            {"user_idx": [0], "user_key": ["u\u202e1"], "train_items": [[1]], "valid_item": [2], "test_item": [3]}
+        ).cast(schema.SEQUENCES)
         candidates = pa.table({"user_idx": [0], "items": [[4, 3]], "scores": [[2.0, 1.0]]}).cast(candidates_schema(["fused"]))
-        page = recommendations_html(candidates, sequences, items, tmp_path / "images.parquet", ReportConfig(top_n=2, thumb_height=30))
+        page = recommendations_html(
+            candidates, sequences, items, tmp_path / "images.parquet", ReportConfig(top_n=2, thumb_height=30)
+        )
         assert not any(c in page for c in ("\u202e", "\x00", "<b>"))
         assert "Evil\ufffdexe" in page and "User u\ufffd1" in page and "&lt;b&gt;bold&lt;/b&gt;" in page
         assert page.count("data:image/jpeg;base64,") == 1  # only the good poster; the bomb is a placeholder
