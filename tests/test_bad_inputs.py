@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 import transformers
@@ -425,11 +426,26 @@ class TestRows:
         where = {b["column"]: (b["where"], b["rows"]) for b in result.report["bad_values"] if b["reason"] != "bad_item_key"}
         assert where == {"reviewerID": ("line", [4]), "asin": ("line", [8]), "unixReviewTime": ("line", [12])}
 
+    def test_bytes_that_are_not_utf8_are_replaced_and_counted(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", valid_times(100))
+        items = (root / "items.csv").read_bytes().replace(b"Movie 7,", b"Movie \xff\xfe 7,")
+        (root / "items.csv").write_bytes(items)
+        result = ingest(read_movielens_mm(root, MovielensOptions()), SplitRules(max_user_interactions=20))
+        assert result.report["counts"]["invalid_utf8"] == 1
+        assert result.items.filter(result.items["item_key"] == "7")["title"][0] == "Movie \ufffd\ufffd 7"
+
     def test_missing_column_still_stops(self, tmp_path):
         root = write_movielens(tmp_path / "ml", valid_times(20))
         (root / "ratings.csv").write_text("user_id,movie_id,when\n1,2,3\n")
         with pytest.raises(SourceError, match=r"ratings\.csv: missing column\(s\) \['unix_timestamp'\]"):
             read_movielens_mm(root, MovielensOptions())
+
+    def test_parquet_list_column_as_user_id_stops(self, tmp_path):
+        frame = pl.DataFrame({"user_id": [["a"], ["b"]], "item_id": ["1", "2"], "timestamp": [1, 2]})
+        frame.write_parquet(tmp_path / "i.parquet")
+        pl.DataFrame({"item_id": ["1", "2"], "title": ["a", "b"], "description": ["", ""]}).write_parquet(tmp_path / "m.parquet")
+        with pytest.raises(SourceError, match=r"i\.parquet: column 'user_id' holds List\(String\) values"):
+            read_generic(tmp_path, GenericOptions(interactions_file="i.parquet", items_file="m.parquet"))
 
     def test_max_bad_fraction_is_checked(self):
         with pytest.raises(ConfigError, match=r"ingest\.rules: max_bad_fraction must be in 0\.\.1, got 1\.5"):

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import polars as pl
 
+from ...progress import log
+
 # Column contract of RawSource.interactions and RawSource.items.
 INTERACTION_COLUMNS = {"user_key": pl.String, "item_key": pl.String, "timestamp": pl.Int64}
 ITEM_COLUMNS = {
@@ -88,15 +90,35 @@ def require_columns(frame: pl.DataFrame, columns: list[str], path: Path) -> None
         raise SourceError(f"{path}: missing column(s) {missing}; found {frame.columns}")
 
 
-def read_table(path: Path, **csv_options) -> pl.DataFrame:
-    """Read a CSV or Parquet file as strings-or-native columns, naming the file on failure."""
+def require_scalar(frame: pl.DataFrame, columns: list[str], path: Path) -> None:
+    """Ids and timestamps must be single values (a Parquet list or struct column is the wrong column)."""
+    nested = [c for c in columns if frame[c].dtype.is_nested()]
+    if nested:
+        raise SourceError(f"{path}: column '{nested[0]}' holds {frame[nested[0]].dtype} values; expected one id or time per row")
+
+
+def read_table(path: Path, dropped: Counter) -> pl.DataFrame:
+    """Read a CSV or Parquet file as strings-or-native columns, naming the file on failure.
+
+    A CSV with bytes that are not UTF-8 is read again with them replaced by U+FFFD, and the rows
+    that hold one are counted as `invalid_utf8` (kept: a bad byte in one title must not stop ingest)."""
     require_file(path, "input file")
     try:
         if path.suffix == ".parquet":
             return pl.read_parquet(path)
-        return pl.read_csv(path, infer_schema_length=0, **csv_options)  # all columns as strings
+        try:
+            return pl.read_csv(path, infer_schema_length=0)  # all columns as strings
+        except pl.exceptions.ComputeError as err:
+            if "utf-8" not in str(err).lower():
+                raise
+        frame = pl.read_csv(path, infer_schema_length=0, encoding="utf8-lossy")
     except Exception as err:  # polars raises several types; all mean "unreadable"
         raise SourceError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
+    rows = frame.select(pl.any_horizontal(pl.all().str.contains("\ufffd", literal=True).fill_null(False))).to_series().arg_true()
+    dropped["invalid_utf8"] += len(rows)
+    first = f"row {rows[0] + 1}" if len(rows) else "the header"
+    log.warning("ingest: %s: %d rows hold bytes that are not UTF-8 (first: %s), shown as U+FFFD", path, len(rows), first)
+    return frame
 
 
 def to_int64(values: pl.Series) -> pl.Series:

@@ -8,13 +8,14 @@ one or more text columns (joined into `text`) and optionally an image column hol
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 
-from .base import RawSource, ReadableRows, SourceError, joined_text, read_table, require_columns, to_int64
+from .base import RawSource, ReadableRows, SourceError, joined_text, read_table, require_columns, require_scalar, to_int64
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,10 @@ def image_references(options: GenericOptions, path: Path) -> tuple[list[pl.Expr]
 
 def read_generic(path: Path, options: GenericOptions) -> RawSource:
     inter_path = path / options.interactions_file
-    inter = read_table(inter_path)
+    dropped: Counter = Counter()
+    inter = read_table(inter_path, dropped)
     require_columns(inter, [options.user_column, options.item_column, options.timestamp_column], inter_path)
+    require_scalar(inter, [options.user_column, options.item_column, options.timestamp_column], inter_path)
     readable = ReadableRows(inter_path, inter.height)
     raw_times = inter[options.timestamp_column]
     times, expected = unix_seconds(raw_times)
@@ -98,9 +101,10 @@ def read_generic(path: Path, options: GenericOptions) -> RawSource:
     ).filter(readable.keep)
 
     items_path = path / options.items_file
-    table = read_table(items_path)
+    table = read_table(items_path, dropped)
     image_columns = [options.image_column] if options.image_column else []
     require_columns(table, [options.item_key_column, options.title_column, *options.text_columns, *image_columns], items_path)
+    require_scalar(table, [options.item_key_column], items_path)
     images, roots = image_references(options, path)
     items = table.select(
         pl.col(options.item_key_column).alias("item_key"),
@@ -108,4 +112,4 @@ def read_generic(path: Path, options: GenericOptions) -> RawSource:
         joined_text(options.text_columns).alias("text"),
         *images,
     )
-    return RawSource(interactions=interactions, items=items, bad_values=readable.bad_values, image_roots=roots)
+    return RawSource(interactions=interactions, items=items, dropped=dropped, bad_values=readable.bad_values, image_roots=roots)

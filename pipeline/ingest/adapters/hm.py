@@ -9,6 +9,7 @@ may hold them with or without the leading zero); a timestamp is the date at 00:0
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -71,7 +72,8 @@ def read_hm(path: Path, options: HMOptions) -> RawSource:
     interactions, bad_values = read_transactions(path / options.transactions_file, options.since)
 
     articles_path = path / options.articles_file
-    articles = read_table(articles_path)
+    dropped: Counter = Counter()
+    articles = read_table(articles_path, dropped)
     require_columns(articles, ["article_id", "prod_name", *options.text_columns], articles_path)
     readable = ReadableRows(articles_path, articles.height)
     keys = article_keys(articles, "article_id", readable, "bad_item_key")
@@ -84,4 +86,5 @@ def read_hm(path: Path, options: HMOptions) -> RawSource:
         pl.concat_str(pl.lit(f"{path / options.images_dir}/"), key.str.slice(0, 3), pl.lit("/"), key, pl.lit(".jpg")).alias("image_path"),
         pl.lit(None, pl.String).alias("image_url"),
     )
-    return RawSource(interactions=interactions, items=items, bad_values=bad_values + readable.bad_values, image_roots=(path,))
+    bad_values += readable.bad_values
+    return RawSource(interactions=interactions, items=items, dropped=dropped, bad_values=bad_values, image_roots=(path,))
