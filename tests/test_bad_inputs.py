@@ -22,6 +22,7 @@ import pyarrow as pa
 import pytest
 import transformers
 from PIL import Image
+from test_adapters import GENERIC
 from test_features import png_header
 
 from pipeline import schema
@@ -86,24 +87,15 @@ def bomb(side: int = 40_000) -> bytes:
 
 
 def write_generic(root: Path, pictures: dict[str, str | None], times: list[str] | None = None) -> GenericOptions:
-    """Users u1, u2 with items i1..i5 each; `pictures` maps item -> image column value."""
+    """Users u1, u2 with items i1..i5 each, in the columns of test_adapters' GENERIC; `pictures`
+    maps item -> image column value (relative paths: relative to the dataset folder)."""
     root.mkdir(parents=True, exist_ok=True)
     times = times or [str(1000 + n) for n in range(10)]
-    lines = ["user,item,time"] + [f"u{1 + n // 5},i{1 + n % 5},{t}" for n, t in enumerate(times)]
+    lines = ["user,item,when"] + [f"u{1 + n // 5},i{1 + n % 5},{t}" for n, t in enumerate(times)]
     (root / "inter.csv").write_text("\n".join(lines) + "\n")
-    items = ["item,title,text,picture"] + [f"i{k},Item {k},text {k},{pictures.get(f'i{k}') or ''}" for k in range(1, 6)]
-    (root / "items.csv").write_text("\n".join(items) + "\n")
-    return GenericOptions(
-        interactions_file="inter.csv",
-        user_column="user",
-        item_column="item",
-        timestamp_column="time",
-        items_file="items.csv",
-        item_key_column="item",
-        title_column="title",
-        text_columns=("text",),
-        image_column="picture",
-    )
+    items = ["sku,name,blurb,extra,picture"] + [f"i{k},Item {k},text {k},,{pictures.get(f'i{k}') or ''}" for k in range(1, 6)]
+    (root / "things.csv").write_text("\n".join(items) + "\n")
+    return replace(GENERIC, image_dir=None)
 
 
 def has_image(result, key: str) -> bool:

@@ -3,7 +3,9 @@
 interactions: one row per (user, item, timestamp); the timestamp is integer unix seconds or an
 ISO 8601 date/datetime string (naive values are taken as UTC). items: an item key, a title,
 one or more text columns (joined into `text`) and optionally an image column holding a path
-(relative to `image_dir`, else to the dataset root; or absolute) or an http(s) URL.
+(relative to `image_dir`, else to the dataset root; or absolute, only when
+`allow_absolute_image_paths`) or an http(s) URL. A timestamp that does not parse drops its
+row (counted as `bad_timestamp` by the core).
 """
 
 from __future__ import annotations
