@@ -189,9 +189,9 @@ def _read_image(
         return None, refused
     if path is None:
         return None, "image_url_only" if url else "image_none"
-    if not inside(Path(path), roots):
+    file = resolved_inside(Path(path), roots)  # read by its resolved path: a link swapped later is not followed
+    if file is None:
         return None, "image_outside_root"
-    file = Path(path)
     if not file.is_file():
         return None, "image_missing"
     if file.stat().st_size > rules.max_image_bytes:
@@ -208,15 +208,15 @@ def _read_image(
     return data, None
 
 
-def inside(path: Path, roots: tuple[Path, ...]) -> bool:
-    """Whether `path` lies in one of the (absolute) `roots`, both as written (`..` removed: a
-    path that climbs out is refused without a system call) and with every symlink resolved.
-    Only the links on the way are read (lstat, readlink); the file itself is not stat'ed or opened."""
+def resolved_inside(path: Path, roots: tuple[Path, ...]) -> Path | None:
+    """`path` with its symlinks resolved when it lies in one of the (absolute) `roots` both as
+    written (`..` removed: a path that climbs out is refused without a system call) and resolved;
+    else None. Only the links on the way are read (lstat, readlink), never the file itself."""
     lexical = Path(os.path.normpath(path.absolute()))
+    if not any(lexical.is_relative_to(os.path.normpath(root)) for root in roots):
+        return None
     real = Path(os.path.realpath(path))
-    return any(lexical.is_relative_to(os.path.normpath(root)) for root in roots) and any(
-        real.is_relative_to(os.path.realpath(root)) for root in roots
-    )
+    return real if any(real.is_relative_to(os.path.realpath(root)) for root in roots) else None
 
 
 def check_bad_values(bad_values: list[BadValues], max_fraction: float) -> None:
