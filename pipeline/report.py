@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.images import MAX_PIXELS, ImageRefused, open_image
 from pipeline.io import read_json
 from pipeline.scoring import split_users
 
@@ -34,6 +36,7 @@ class ReportConfig:
     history_shown: int = 8  # most recent history items shown per user
     top_n: int = 10  # recommendations shown per user
     thumb_height: int = 120  # poster thumbnail height in pixels
+    max_pixels: int = MAX_PIXELS  # larger images are not decoded (placeholder instead)
 
     def validate(self) -> None:
         if min(self.showcase_users, self.history_shown, self.top_n, self.thumb_height) < 1:
@@ -160,19 +163,35 @@ def table_row(cells: list[str]) -> str:
 # --- the picture -----------------------------------------------------------------------------
 
 
-def thumbnail_uri(image: bytes | None, height: int) -> str | None:
+def thumbnail_uri(image: bytes | None, height: int, max_pixels: int = MAX_PIXELS) -> str | None:
     """A JPEG data URI of the image scaled to ``height`` pixels, or None when there is none."""
     if image is None:
         return None
+
+    def thumbnail(img: Image.Image) -> bytes:
+        scale = min(4 * height / img.width, height / img.height)
+        img.draft("RGB", (max(1, int(img.width * scale)), max(1, int(img.height * scale))))  # JPEG: decode smaller
+        img = img.convert("RGB")
+        img.thumbnail((4 * height, height))
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=80)
+        return out.getvalue()
+
     try:
-        with Image.open(io.BytesIO(image)) as img:
-            img = img.convert("RGB")
-            img.thumbnail((4 * height, height))
-            out = io.BytesIO()
-            img.save(out, format="JPEG", quality=80)
-    except (OSError, ValueError):
-        return None  # unreadable bytes: shown as a titled placeholder
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+        jpeg = open_image(image, max_pixels, thumbnail)
+    except ImageRefused:
+        return None  # unreadable or too large: shown as a titled placeholder
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+# Shown as U+FFFD: C0 controls but tab and newline, DEL and C1 controls, bidi embeddings,
+# overrides and isolates (a title with U+202E would reverse the text around it on the page).
+UNSAFE_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """Text for an HTML page: markup escaped, control and bidi-override characters replaced."""
+    return html.escape(UNSAFE_CHARACTERS.sub("\ufffd", text))
 
 
 def showcase_users(num_users: int, count: int) -> np.ndarray:
@@ -213,10 +232,10 @@ def recommendations_html(
     titles = dict(zip(items.column("item_idx").to_pylist(), items.column("title").to_pylist()))
     images = pq.read_table(images_path, columns=["item_idx", "image"], filters=[("item_idx", "in", needed)])
     image_bytes = dict(zip(images.column("item_idx").to_pylist(), images.column("image").to_pylist()))
-    thumbs = {item: thumbnail_uri(data, config.thumb_height) for item, data in image_bytes.items()}
+    thumbs = {item: thumbnail_uri(data, config.thumb_height, config.max_pixels) for item, data in image_bytes.items()}
 
     def card(item: int, note: str = "", hit: bool = False) -> str:
-        title = html.escape(titles.get(item) or f"item {item}")
+        title = escape(titles.get(item) or f"item {item}")
         uri = thumbs.get(item)
         picture = f'<img src="{uri}" alt="{title}">' if uri else f'<div class="none">{title}</div>'
         frame = ' class="hit"' if hit else ""
@@ -230,14 +249,14 @@ def recommendations_html(
         hit = target in top
         verdict = f"held-out item at rank {top.index(target) + 1}" if hit else f"held-out item not in the top {config.top_n}"
         sections.append(
-            f"<section><h2>User {html.escape(key)} <small>({verdict})</small></h2>"
+            f"<section><h2>User {escape(key)} <small>({verdict})</small></h2>"
             + row("Recent history, oldest first", [card(i) for i in history])
             + row(f"Top {config.top_n} recommendations", [card(i, f"{rank}. ", i == target) for rank, i in enumerate(top, 1)])
             + row("Held-out next item", [card(target, "", hit)])
             + "</section>"
         )
     style = STYLE.replace("WIDTH", str(config.thumb_height * 2 // 3)).replace("HEIGHT", str(config.thumb_height))
-    title = f"Recommendations of {html.escape(config.showcase_run)}"
+    title = f"Recommendations of {escape(config.showcase_run)}"
     intro = (
         f"Test split. Each user's recent history (the model's input; history items are never recommended), "
         f"the top {config.top_n} over the whole catalogue, and the item the user really watched next, framed green "

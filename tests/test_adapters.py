@@ -92,7 +92,8 @@ def test_generic_csv_iso_times_images_and_counts(tmp_path):
     assert items["i1"]["title"] == "One" and items["i1"]["text"] == "first\nred"
     assert items["i3"]["text"] == "" and items["i4"]["text"] == "" and items["i5"]["text"] == "fifth\nblue"
     assert items["i3"]["image_ref"] == "https://example.org/3.jpg" and not items["i3"]["has_image"]
-    assert image_of(result, "i1") == images["i1"] and image_of(result, "i2") == images["i2"]
+    assert image_of(result, "i1") == images["i1"]
+    assert image_of(result, "i2") is None and counts["image_absolute_path"] == 1  # unless allow_absolute_image_paths
     times = result.interactions.filter(pl.col("user_key") == "u2").sort("position")["timestamp"].to_list()
     assert times == [unix(f"2020-02-0{k}T12:00:00") for k in range(1, 6)]
     assert raw.interactions.filter(pl.col("user_key") == "u1")["timestamp"][0] == unix("2020-01-01")
@@ -109,14 +110,18 @@ def test_generic_parquet_integer_ids_and_unix_seconds(tmp_path):
     assert result.report["counts"]["image_none"] == 5
 
 
-def test_generic_bad_timestamp_names_file_column_and_row(tmp_path):
+def test_generic_bad_timestamp_is_dropped_and_counted_with_its_row(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     write_generic(root)
     frame = pl.read_csv(root / "inter.csv", infer_schema_length=0)
     with_value(frame, "when", 3, "next tuesday").write_csv(root / "inter.csv")
-    with pytest.raises(SourceError, match=r"inter\.csv: column 'when' row 4: .*'next tuesday'"):
-        read_generic(root, GENERIC)
+    result = ingest(read_generic(root, GENERIC), SplitRules(min_user_interactions=4))
+    assert result.report["counts"]["bad_timestamp"] == 1
+    (bad,) = result.report["bad_values"]
+    assert (bad["file"].endswith("inter.csv"), bad["column"], bad["rows"], bad["examples"]) == (True, "when", [4], ["'next tuesday'"])
+    with pytest.raises(SourceError, match=r"inter\.csv: column 'when' row 4: .*'next tuesday'; 1 of 12 values"):
+        ingest(read_generic(root, GENERIC), SplitRules(max_bad_fraction=0.05))
 
 
 def test_generic_missing_column_and_file(tmp_path):
@@ -190,8 +195,9 @@ def test_amazon2018_wrong_type_names_line_and_field(tmp_path):
     reviews = [{"reviewerID": "A", "asin": "B1", "unixReviewTime": 5}, {"reviewerID": "A", "asin": "B2", "unixReviewTime": "last week"}]
     write_lines(tmp_path / "r.json", [json.dumps(r) for r in reviews], False)
     write_lines(tmp_path / "m.json", [json.dumps({"asin": "B1", "title": "t"})], False)
-    with pytest.raises(SourceError, match=r"r\.json: line 2, field 'unixReviewTime': .*'last week'"):
-        read_amazon2018(tmp_path, Amazon2018Options(reviews_file="r.json", meta_file="m.json"))
+    raw = read_amazon2018(tmp_path, Amazon2018Options(reviews_file="r.json", meta_file="m.json"))
+    with pytest.raises(SourceError, match=r"r\.json: field 'unixReviewTime' line 2: .*'last week'; 1 of 2 values"):
+        ingest(raw, SplitRules())
 
 
 def test_amazon2018_missing_field_and_corrupt_gzip(tmp_path):
@@ -261,11 +267,14 @@ def test_hm_bad_date_article_id_and_missing_column(tmp_path):
     path = tmp_path / "transactions_train.csv"
     good = pl.read_csv(path, infer_schema_length=0)
     with_value(good, "t_dat", 4, "20/09/2020").write_csv(path)
+    raw = read_hm(tmp_path, HMOptions(since="2020-01-01"))  # bad values are reported, not filtered away
+    assert [(b.column, b.reason, b.rows, b.count) for b in raw.bad_values] == [("t_dat", "bad_timestamp", [5], 1)]
     with pytest.raises(SourceError, match=r"transactions_train\.csv: column 't_dat' row 5: expected a date YYYY-MM-DD, got '20/09/2020'"):
-        read_hm(tmp_path, HMOptions(since="2020-01-01"))  # bad values are reported, not filtered away
+        ingest(raw, SplitRules(max_bad_fraction=0.05))
     with_value(good, "article_id", 4, "0108-775").write_csv(path)
-    with pytest.raises(SourceError, match=r"transactions_train\.csv: column 'article_id' row 5"):
-        read_hm(tmp_path, HMOptions())
+    raw = read_hm(tmp_path, HMOptions())
+    assert [(b.column, b.reason, b.rows) for b in raw.bad_values] == [("article_id", "bad_item", [5])]
+    assert raw.interactions.height == good.height - 1
     good.drop("customer_id").write_csv(path)
     with pytest.raises(SourceError, match=r"transactions_train\.csv: missing column\(s\) \['customer_id'\]"):
         read_hm(tmp_path, HMOptions())

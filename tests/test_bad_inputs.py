@@ -1,25 +1,547 @@
-"""Planted faults: each asserts the exact outcome (a counted reason, a conversion, a refusal or
-the clear error text), never only that nothing crashed."""
+"""Planted faults: a hostile but realistic catalogue, one class per area.
+
+Each test plants one fault (or a few of one kind) and asserts its exact outcome: the count it
+is reported under, a conversion, a refusal, or the text of the error that stops the stage.
+Path tests also assert that nothing outside the dataset folder was opened or stat'ed.
+The last classes plant faults in what crosses the team's DVC remote (model files), in resumed
+training and in params files.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import inspect
+import io
+import json
 import logging
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import polars as pl
+import pyarrow as pa
 import pytest
 import torch
+import transformers
 import yaml
+from PIL import Image
+from test_adapters import GENERIC
+from test_features import png_header
 
-from pipeline.config import SECTIONS, ConfigError, load_section
-from pipeline.io import atomic_path, write_json
+from pipeline import schema
+from pipeline.config import SECTIONS, ConfigError, from_dict, load_section
+from pipeline.features.image import decode_image
+from pipeline.features.text import token_counts
+from pipeline.images import BOMB, UNREADABLE, ImageRefused, open_image
+from pipeline.ingest import IngestConfig, SourceError, SplitRules, ingest
+from pipeline.ingest.adapters.amazon2018 import Amazon2018Options, read_amazon2018
+from pipeline.ingest.adapters.generic import GenericOptions, read_generic
+from pipeline.ingest.adapters.hm import HMOptions, read_hm
+from pipeline.ingest.adapters.movielens_mm import MovielensOptions, read_movielens_mm
+from pipeline.io import atomic_path, write_json, write_table
+from pipeline.report import ReportConfig, escape, recommendations_html, thumbnail_uri
+from pipeline.scoring import candidates_schema
 from pipeline.training import TrainConfig, checkpoint, load_trained
 from pipeline.training.trainer import train
 from tests.test_training import toy_config
 from tests.toy import make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# --- helpers ---------------------------------------------------------------------------------
+
+_RECORDERS: list[list[str]] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _RECORDERS and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        for paths in _RECORDERS:
+            paths.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # every open() / io.open / os.open of this process, whoever calls it
+
+
+@pytest.fixture
+def touched(monkeypatch) -> list[str]:
+    """The paths opened (audit event 'open') or stat'ed (os.stat) while the test runs."""
+    paths: list[str] = []
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if isinstance(path, (str, bytes, os.PathLike)):
+            paths.append(os.fsdecode(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    _RECORDERS.append(paths)
+    yield paths
+    _RECORDERS.remove(paths)
+
+
+def under(paths: list[str], folder: Path) -> list[str]:
+    """The recorded paths that lie in `folder`, symlinks resolved."""
+    return [p for p in list(paths) if Path(os.path.realpath(p)).is_relative_to(os.path.realpath(folder))]
+
+
+def image_bytes(size: tuple[int, int] = (40, 60), mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, 128).save(out, fmt)
+    return out.getvalue()
+
+
+def bomb(side: int = 40_000) -> bytes:
+    """A few hundred bytes whose header claims side x side pixels (PIL's own limit: 2 x 89.5M)."""
+    return png_header(side, side)
+
+
+def write_generic(root: Path, pictures: dict[str, str | None], times: list[str] | None = None) -> GenericOptions:
+    """Users u1, u2 with items i1..i5 each, in the columns of test_adapters' GENERIC; `pictures`
+    maps item -> image column value (relative paths: relative to the dataset folder)."""
+    root.mkdir(parents=True, exist_ok=True)
+    times = times or [str(1000 + n) for n in range(10)]
+    lines = ["user,item,when"] + [f"u{1 + n // 5},i{1 + n % 5},{t}" for n, t in enumerate(times)]
+    (root / "inter.csv").write_text("\n".join(lines) + "\n")
+    items = ["sku,name,blurb,extra,picture"] + [f"i{k},Item {k},text {k},,{pictures.get(f'i{k}') or ''}" for k in range(1, 6)]
+    (root / "things.csv").write_text("\n".join(items) + "\n")
+    return replace(GENERIC, image_dir=None)
+
+
+def has_image(result, key: str) -> bool:
+    return result.items.filter(result.items["item_key"] == key)["has_image"][0]
+
+
+def write_movielens(
+    root: Path, times: list[str], posters: dict[str, bytes] | None = None, movie_ids: list[str] | None = None
+) -> Path:
+    """ratings.csv with one row per time (40 users x 20 movies when there are 800), items.csv, posters."""
+    root.mkdir(parents=True, exist_ok=True)
+    movie_ids = movie_ids or [str(m) for m in range(1, 21)]
+    ratings = ["user_id,movie_id,rating,unix_timestamp"]
+    ratings += [f"{1 + n // len(movie_ids)},{movie_ids[n % len(movie_ids)]},4,{t}" for n, t in enumerate(times)]
+    (root / "ratings.csv").write_text("\n".join(ratings) + "\n")
+    items = ["movie_id,title,overview"] + [f"{m},Movie {m},Plot {m}" for m in movie_ids]
+    (root / "items.csv").write_text("\n".join(items) + "\n")
+    (root / "posters").mkdir(exist_ok=True)
+    for name, data in (posters or {}).items():
+        (root / "posters" / f"{name}.jpg").write_bytes(data)
+    return root
+
+
+def valid_times(n: int = 800) -> list[str]:
+    return [str(1_000_000 + i) for i in range(n)]
+
+
+def with_bad(times: list[str], bad: dict[int, str]) -> list[str]:
+    """`times` with data rows (1-based, header not counted) replaced."""
+    return [bad.get(row, t) for row, t in enumerate(times, 1)]
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+class TestImages:
+    """Broken, huge, tiny and odd images: ingest's header check, the image stage, the report."""
+
+    def ingest_with_posters(self, tmp_path: Path, posters: dict[str, bytes], **rules):
+        root = write_movielens(tmp_path / "ml", valid_times(100), posters)  # 5 users x 20 movies: all kept
+        return ingest(read_movielens_mm(root, MovielensOptions()), SplitRules(max_user_interactions=20, **rules))
+
+    def test_decompression_bomb_is_counted_not_a_crash(self, tmp_path):
+        data = bomb()  # 40000 x 40000: PIL itself raises DecompressionBombError on open
+        assert len(data) < 400
+        result = self.ingest_with_posters(tmp_path, {"1": data, "2": image_bytes()})
+        assert result.report["counts"]["image_bomb"] == 1 and not has_image(result, "1") and has_image(result, "2")
+
+    def test_image_over_max_image_pixels_is_refused_by_ingest(self, tmp_path):
+        result = self.ingest_with_posters(tmp_path, {"1": image_bytes((200, 200))}, max_image_pixels=10_000)
+        assert result.report["counts"]["image_bomb"] == 1 and not has_image(result, "1")
+
+    def test_garbage_bytes_are_unreadable(self, tmp_path):
+        result = self.ingest_with_posters(tmp_path, {"1": b"GIF89a but not really" * 10})
+        assert result.report["counts"]["image_unreadable"] == 1 and not has_image(result, "1")
+
+    def test_empty_file_is_unreadable(self, tmp_path):
+        result = self.ingest_with_posters(tmp_path, {"1": b""})
+        assert result.report["counts"]["image_unreadable"] == 1
+
+    def test_file_over_max_image_bytes_is_too_large(self, tmp_path):
+        result = self.ingest_with_posters(tmp_path, {"1": image_bytes()}, max_image_bytes=50)
+        assert result.report["counts"]["image_too_large"] == 1 and not has_image(result, "1")
+
+    def test_a_folder_named_like_the_image_is_missing(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", valid_times(100))
+        (root / "posters" / "1.jpg").mkdir()
+        result = ingest(read_movielens_mm(root, MovielensOptions()), SplitRules(max_user_interactions=20))
+        assert result.report["counts"]["image_missing"] == 20
+
+    def test_one_pixel_image_is_counted_and_kept(self, tmp_path):
+        result = self.ingest_with_posters(tmp_path, {"1": image_bytes((1, 1)), "2": image_bytes((32, 500))})
+        assert result.report["counts"]["image_too_small"] == 1 and has_image(result, "1") and has_image(result, "2")
+
+    def test_tiny_image_is_dropped_when_asked(self, tmp_path):
+        result = self.ingest_with_posters(tmp_path, {"1": image_bytes((31, 400))}, drop_small_images=True)
+        assert result.report["counts"]["image_too_small"] == 1 and not has_image(result, "1")
+
+    def test_truncated_image_passes_the_header_check_and_is_unreadable_in_the_image_stage(self, tmp_path):
+        photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 40, 3), dtype=np.uint8))
+        out = io.BytesIO()
+        photo.save(out, "JPEG")
+        truncated = out.getvalue()[: len(out.getvalue()) // 2]
+        result = self.ingest_with_posters(tmp_path, {"1": truncated})
+        assert has_image(result, "1") and "image_unreadable" not in result.report["counts"]
+        assert decode_image(truncated, 16, "bicubic", 10_000)[1] == "unreadable"
+
+    def test_image_stage_refuses_a_bomb_before_decoding(self):
+        pixels, outcome, detail = decode_image(bomb(), 16, "bicubic", max_pixels=50_000_000)
+        assert pixels is None and outcome == "too_large" and "exceeds limit" in detail
+
+    @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16"])
+    def test_odd_modes_are_converted(self, mode):
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        pixels, outcome, _ = decode_image(image_bytes((8, 8), mode, fmt), 4, "bicubic", 10_000)
+        assert outcome == f"converted_{mode}" and pixels.shape == (4, 4, 3)
+
+    def test_report_thumbnail_of_a_bomb_or_garbage_is_a_placeholder(self):
+        assert thumbnail_uri(bomb(), 120) is None
+        assert thumbnail_uri(bomb(10_000), 120) is None  # 100M pixels: over the default 50M, under PIL's error limit
+        assert thumbnail_uri(image_bytes((200, 200)), 120, max_pixels=10_000) is None
+        assert thumbnail_uri(b"\x89PNG\r\n\x1a\n garbage", 120) is None
+        assert thumbnail_uri(image_bytes((60, 90)), 30).startswith("data:image/jpeg;base64,")
+
+    def test_open_image_reasons(self):
+        with pytest.raises(ImageRefused) as refused:
+            open_image(bomb(), 2_000_000_000, lambda image: image.size)  # past our limit: PIL's own error
+        assert refused.value.reason == BOMB
+        with pytest.raises(ImageRefused) as refused:
+            open_image(image_bytes()[:60], 10_000, lambda image: image.load())  # an error while decoding
+        assert refused.value.reason == UNREADABLE
+        with pytest.raises(ImageRefused) as refused:
+            open_image(image_bytes(), 10_000, lambda image: 1 / 0)
+        assert refused.value.reason == UNREADABLE and "ZeroDivisionError" in refused.value.detail
+
+    def test_pil_opens_images_only_in_the_guarded_function(self, tmp_path, monkeypatch):
+        callers = []
+        real_open = Image.open
+
+        def spy(*args, **kwargs):
+            callers.append(Path(inspect.stack()[1].filename).name)
+            return real_open(*args, **kwargs)
+
+        monkeypatch.setattr(Image, "open", spy)
+        self.ingest_with_posters(tmp_path, {"1": image_bytes()})
+        decode_image(image_bytes(), 8, "bicubic", 10_000)
+        thumbnail_uri(image_bytes(), 30)
+        assert len(callers) == 3 and set(callers) == {"images.py"}
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder next to the dataset holding a real image that must never be read."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "secret.png").write_bytes(image_bytes())
+    return folder
+
+
+class TestPaths:
+    """Image references that leave the dataset folder are counted and never opened."""
+
+    def test_dot_dot_path_to_an_existing_file(self, tmp_path, outside, touched):
+        root = tmp_path / "data"
+        options = write_generic(root, {"i1": "../outside/secret.png", "i2": "pics/ok.png"})
+        (root / "pics").mkdir()
+        (root / "pics" / "ok.png").write_bytes(image_bytes())
+        result = ingest(read_generic(root, options), SplitRules())
+        assert result.report["counts"]["image_outside_root"] == 1 and not has_image(result, "i1") and has_image(result, "i2")
+        assert under(touched, root / "pics") and not under(touched, outside)
+
+    def test_dot_dot_inside_the_folder_is_fine(self, tmp_path):
+        root = tmp_path / "data"
+        (root / "pics").mkdir(parents=True)
+        (root / "pics" / "ok.png").write_bytes(image_bytes())
+        options = write_generic(root, {"i1": "../data/pics/../pics/ok.png"})
+        assert has_image(ingest(read_generic(root, options), SplitRules()), "i1")
+
+    def test_absolute_path_outside_is_refused(self, tmp_path, outside, touched):
+        options = write_generic(tmp_path / "data", {"i1": str(outside / "secret.png")})
+        result = ingest(read_generic(tmp_path / "data", options), SplitRules())
+        assert result.report["counts"]["image_absolute_path"] == 1 and not has_image(result, "i1")
+        assert not under(touched, outside)
+
+    def test_absolute_path_inside_needs_the_param(self, tmp_path):
+        root = tmp_path / "data"
+        options = write_generic(root, {"i1": str(root / "in.png")})
+        (root / "in.png").write_bytes(image_bytes())
+        assert ingest(read_generic(root, options), SplitRules()).report["counts"]["image_absolute_path"] == 1
+        allowed = ingest(read_generic(root, replace(options, allow_absolute_image_paths=True)), SplitRules())
+        assert has_image(allowed, "i1") and "image_absolute_path" not in allowed.report["counts"]
+
+    def test_allowed_absolute_path_still_stays_inside_the_allowed_folders(self, tmp_path, outside, touched):
+        options = replace(write_generic(tmp_path / "data", {"i1": str(outside / "secret.png")}), allow_absolute_image_paths=True)
+        result = ingest(read_generic(tmp_path / "data", options), SplitRules())
+        assert result.report["counts"]["image_outside_root"] == 1 and not under(touched, outside)
+
+    def test_image_dir_outside_needs_the_param(self, tmp_path, outside):
+        options = replace(
+            write_generic(tmp_path / "data", {"i1": "secret.png", "i2": str(outside / "secret.png")}), image_dir=str(outside)
+        )
+        with pytest.raises(SourceError, match=r"image_dir lies outside the dataset folder .*allow_absolute_image_paths: true"):
+            read_generic(tmp_path / "data", options)
+        result = ingest(read_generic(tmp_path / "data", replace(options, allow_absolute_image_paths=True)), SplitRules())
+        assert has_image(result, "i1") and has_image(result, "i2")  # the folder the params name, and only it
+
+    def test_symlink_pointing_outside(self, tmp_path, outside, touched):
+        root = tmp_path / "data"
+        options = write_generic(root, {"i1": "link.png"})
+        (root / "link.png").symlink_to(outside / "secret.png")
+        result = ingest(read_generic(root, options), SplitRules())
+        assert result.report["counts"]["image_outside_root"] == 1 and not under(touched, outside)
+
+    def test_symlinked_folder_pointing_outside(self, tmp_path, outside, touched):
+        root = tmp_path / "data"
+        options = write_generic(root, {"i1": "pics/secret.png"})
+        (root / "pics").symlink_to(outside)
+        result = ingest(read_generic(root, options), SplitRules())
+        assert result.report["counts"]["image_outside_root"] == 1 and not under(touched, outside)
+
+    def test_symlink_inside_the_folder_is_followed(self, tmp_path):
+        root = tmp_path / "data"
+        options = write_generic(root, {"i1": "link.png"})
+        (root / "real.png").write_bytes(image_bytes())
+        (root / "link.png").symlink_to(root / "real.png")
+        assert has_image(ingest(read_generic(root, options), SplitRules()), "i1")
+
+    def test_movielens_id_that_climbs_out(self, tmp_path, outside, touched):
+        ids = [str(m) for m in range(1, 20)] + ["../../outside/secret"]
+        (outside / "secret.jpg").write_bytes(image_bytes(fmt="JPEG"))
+        root = write_movielens(tmp_path / "ml", valid_times(100), movie_ids=ids)
+        touched.clear()  # what the test itself wrote
+        result = ingest(read_movielens_mm(root, MovielensOptions()), SplitRules())
+        assert result.report["counts"]["image_outside_root"] == 1 and not under(touched, outside)
+
+    def test_hm_images_dir_param_outside(self, tmp_path, outside, touched):
+        key = "0108775015"
+        (outside / key[:3]).mkdir()
+        (outside / key[:3] / f"{key}.jpg").write_bytes(image_bytes(fmt="JPEG"))
+        root = tmp_path / "hm"
+        root.mkdir()
+        rows = ["t_dat,customer_id,article_id"] + [f"2020-09-1{d},c1,{key}" for d in range(5)]
+        (root / "transactions_train.csv").write_text("\n".join(rows) + "\n")
+        (root / "articles.csv").write_text(f"article_id,prod_name,detail_desc\n{key},Top,Jersey\n")
+        touched.clear()
+        result = ingest(
+            read_hm(root, HMOptions(images_dir="../outside", text_columns=("detail_desc",))), SplitRules(min_user_interactions=3)
+        )
+        assert result.report["counts"]["image_outside_root"] == 1 and not under(touched, outside)
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+
+class TestRows:
+    """Unreadable values: the row is dropped and counted with its real row number, until a
+    column is mostly unreadable; then ingest stops naming file, column, row and value."""
+
+    def test_one_bad_timestamp_in_800_rows(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", with_bad(valid_times(), {761: "not-a-time"}))
+        result = ingest(read_movielens_mm(root, MovielensOptions()), SplitRules())
+        assert result.report["counts"]["bad_timestamp"] == 1 and result.report["users"] == 40
+        (bad,) = result.report["bad_values"]
+        assert (bad["column"], bad["rows"], bad["examples"], bad["values_read"]) == (
+            "unix_timestamp",
+            [761],
+            ["'not-a-time'"],
+            800,
+        )
+
+    def test_generic_integer_column_with_one_bad_value_names_the_real_row(self, tmp_path):
+        # before: the column was parsed as ISO dates and the error blamed row 1 ('1000000', a valid value)
+        times = with_bad(valid_times(10), {7: "not-a-time"})
+        options = write_generic(tmp_path / "data", {}, times)
+        result = ingest(
+            read_generic(tmp_path / "data", replace(options, image_column=None)),
+            SplitRules(min_user_interactions=4, max_bad_fraction=0.2),
+        )
+        (bad,) = result.report["bad_values"]
+        assert (bad["rows"], bad["examples"], result.report["counts"]["bad_timestamp"]) == ([7], ["'not-a-time'"], 1)
+
+    def test_generic_iso_column_with_one_bad_value(self, tmp_path):
+        times = with_bad([f"2020-01-{d:02d}T10:00:00" for d in range(1, 11)], {3: "2020-13-45"})
+        options = replace(write_generic(tmp_path / "data", {}, times), image_column=None)
+        result = ingest(read_generic(tmp_path / "data", options), SplitRules(min_user_interactions=4, max_bad_fraction=0.2))
+        assert result.report["bad_values"][0]["rows"] == [3] and result.report["counts"]["bad_timestamp"] == 1
+
+    def test_first_five_rows_are_named_and_all_counted(self, tmp_path):
+        bad = {row: f"bad{row}" for row in (5, 90, 200, 201, 333, 500, 799)}
+        root = write_movielens(tmp_path / "ml", with_bad(valid_times(), bad))
+        result = ingest(read_movielens_mm(root, MovielensOptions()), SplitRules())
+        assert result.report["counts"]["bad_timestamp"] == 7
+        assert result.report["bad_values"][0]["rows"] == [5, 90, 200, 201, 333]
+
+    def test_mostly_unreadable_column_stops_naming_file_column_and_row(self, tmp_path):
+        times = with_bad(valid_times(), {row: "2020-01-01" for row in range(3, 800, 5)})  # 160 of 800: 20%
+        root = write_movielens(tmp_path / "ml", times)
+        raw = read_movielens_mm(root, MovielensOptions())
+        message = (
+            r"ratings\.csv: column 'unix_timestamp' row 3: expected an integer, got '2020-01-01'; "
+            r"160 of 800 values are unreadable, more than ingest.rules.max_bad_fraction 0.1"
+        )
+        with pytest.raises(SourceError, match=message):
+            ingest(raw, SplitRules())
+        assert ingest(raw, SplitRules(max_bad_fraction=0.25)).report["counts"]["bad_timestamp"] == 160
+
+    def test_zero_tolerance(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", with_bad(valid_times(), {761: "x"}))
+        with pytest.raises(SourceError, match="row 761"):
+            ingest(read_movielens_mm(root, MovielensOptions()), SplitRules(max_bad_fraction=0.0))
+
+    def test_padded_integer_is_read(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", with_bad(valid_times(100), {4: " 1000003 "}))
+        assert "bad_timestamp" not in ingest(read_movielens_mm(root, MovielensOptions()), SplitRules()).report["counts"]
+
+    def test_hm_row_bad_in_two_columns_is_counted_once(self, tmp_path):
+        rows = ["t_dat,customer_id,article_id"] + [f"2020-09-{10 + d},c1,108775015" for d in range(12)] + ["someday,c1,0108-775"]
+        (tmp_path / "transactions_train.csv").write_text("\n".join(rows) + "\n")
+        (tmp_path / "articles.csv").write_text("article_id,prod_name,detail_desc\n108775015,Top,Jersey\nnot-an-id,Bad,Row\n")
+        result = ingest(read_hm(tmp_path, HMOptions(text_columns=("detail_desc",))), SplitRules(max_bad_fraction=0.5))
+        counts = result.report["counts"]
+        assert counts["bad_timestamp"] == 1 and "bad_item" not in counts and counts["bad_item_key"] == 1
+        assert [(b["column"], b["rows"]) for b in result.report["bad_values"]] == [("t_dat", [13]), ("article_id", [2])]
+
+    def test_amazon_ids_and_times_of_the_wrong_type(self, tmp_path):
+        reviews = [{"reviewerID": "A", "asin": f"B{k}", "unixReviewTime": 100 + k} for k in range(1, 21)]
+        reviews[3]["reviewerID"] = {"id": "A"}  # line 4
+        reviews[7]["asin"] = 3.5  # line 8
+        reviews[11]["unixReviewTime"] = "last week"  # line 12
+        (tmp_path / "r.json").write_text("\n".join(json.dumps(r) for r in reviews) + "\n")
+        meta = [{"asin": f"B{k}", "title": f"t{k}"} for k in range(1, 21)] + [{"asin": ["B1"], "title": "list id"}]
+        (tmp_path / "m.json.gz").write_bytes(gzip.compress("\n".join(json.dumps(m) for m in meta).encode()))
+        raw = read_amazon2018(tmp_path, Amazon2018Options(reviews_file="r.json", meta_file="m.json.gz"))
+        result = ingest(raw, SplitRules(max_bad_fraction=0.1))
+        counts = result.report["counts"]
+        assert (counts["bad_user"], counts["bad_item"], counts["bad_timestamp"], counts["bad_item_key"]) == (1, 1, 1, 1)
+        where = {b["column"]: (b["where"], b["rows"]) for b in result.report["bad_values"] if b["reason"] != "bad_item_key"}
+        assert where == {"reviewerID": ("line", [4]), "asin": ("line", [8]), "unixReviewTime": ("line", [12])}
+
+    def test_bytes_that_are_not_utf8_are_replaced_and_counted(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", valid_times(100))
+        items = (root / "items.csv").read_bytes().replace(b"Movie 7,", b"Movie \xff\xfe 7,")
+        (root / "items.csv").write_bytes(items)
+        result = ingest(read_movielens_mm(root, MovielensOptions()), SplitRules(max_user_interactions=20))
+        assert result.report["counts"]["invalid_utf8"] == 1
+        assert result.items.filter(result.items["item_key"] == "7")["title"][0] == "Movie \ufffd\ufffd 7"
+
+    def test_missing_column_still_stops(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", valid_times(20))
+        (root / "ratings.csv").write_text("user_id,movie_id,when\n1,2,3\n")
+        with pytest.raises(SourceError, match=r"ratings\.csv: missing column\(s\) \['unix_timestamp'\]"):
+            read_movielens_mm(root, MovielensOptions())
+
+    def test_parquet_list_column_as_user_id_stops(self, tmp_path):
+        frame = pl.DataFrame({"user_id": [["a"], ["b"]], "item_id": ["1", "2"], "timestamp": [1, 2]})
+        frame.write_parquet(tmp_path / "i.parquet")
+        pl.DataFrame({"item_id": ["1", "2"], "title": ["a", "b"], "description": ["", ""]}).write_parquet(tmp_path / "m.parquet")
+        with pytest.raises(SourceError, match=r"i\.parquet: column 'user_id' holds List\(String\) values"):
+            read_generic(tmp_path, GenericOptions(interactions_file="i.parquet", items_file="m.parquet"))
+
+    def test_max_bad_fraction_is_checked(self):
+        with pytest.raises(ConfigError, match=r"ingest\.rules: max_bad_fraction must be in 0\.\.1, got 1\.5"):
+            from_dict(IngestConfig, {"rules": {"max_bad_fraction": 1.5}}, "ingest")
+
+
+# --- empty results ---------------------------------------------------------------------------
+
+
+class TestEmpty:
+    """Nothing left: ingest stops and says which rule removed what."""
+
+    def test_header_only_interactions_file(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", [])
+        with pytest.raises(SourceError, match="no interactions read: the interactions file holds no data rows"):
+            ingest(read_movielens_mm(root, MovielensOptions()), SplitRules())
+
+    def test_every_user_too_short(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", valid_times(80), movie_ids=["1", "2", "3", "4"])  # 20 users x 4
+        with pytest.raises(
+            SourceError,
+            match=r"no users left after the rules \(80 interactions read; removed: .*short_user 80.*min_user_interactions \(5\)",
+        ):
+            ingest(read_movielens_mm(root, MovielensOptions()), SplitRules())
+
+    def test_items_file_without_rows(self, tmp_path):
+        root = write_movielens(tmp_path / "ml", valid_times(100))
+        (root / "items.csv").write_text("movie_id,title,overview\n")
+        with pytest.raises(SourceError, match=r"removed: .*unknown_item 100"):
+            ingest(read_movielens_mm(root, MovielensOptions()), SplitRules())
+
+
+# --- text and the HTML page ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n.\nthe\nmovie\ntoy\nstory\n")
+    return transformers.BertTokenizer(vocab=str(vocab))
+
+
+class TestText:
+    """Texts the encoder cannot see whole are counted in the feature file's metadata."""
+
+    def test_100k_character_title_is_unknown_only(self, tokenizer):
+        assert token_counts(tokenizer, ["x" * 100_000 + ". the movie"], 8) == {"truncated": 0, "unknown_only": 0}
+        assert token_counts(tokenizer, ["x" * 100_000], 8) == {"truncated": 0, "unknown_only": 1}
+
+    def test_long_text_is_truncated(self, tokenizer):
+        assert token_counts(tokenizer, ["the movie " * 50_000, "toy story"], 8) == {"truncated": 1, "unknown_only": 0}
+
+    def test_script_the_vocabulary_lacks_is_unknown_only(self, tokenizer):
+        assert token_counts(tokenizer, ["北京 東京", "toy story"], 8) == {"truncated": 0, "unknown_only": 1}
+
+
+class TestHtml:
+    """Titles on the recommendations page: markup escaped, control characters made visible."""
+
+    @pytest.mark.parametrize(
+        ("title", "shown"),
+        [
+            ("Evil\u202ecod.exe", "Evil\ufffdcod.exe"),  # right-to-left override
+            ("Nul\x00byte", "Nul\ufffdbyte"),
+            ("Bell\x07 and \x1b[31m", "Bell\ufffd and \ufffd[31m"),
+            ("C1\x85\x9b", "C1\ufffd\ufffd"),
+            ("Isolate\u2066x\u2069", "Isolate\ufffdx\ufffd"),
+            ("<script>alert(1)</script>", "&lt;script&gt;alert(1)&lt;/script&gt;"),
+            ("Tab\tand\nnewline", "Tab\tand\nnewline"),
+        ],
+    )
+    def test_escape(self, title, shown):
+        assert escape(title) == shown
+
+    def test_page_with_hostile_titles_and_a_bomb_poster(self, tmp_path):
+        titles = ["Evil\u202eexe", "Nul\x00", "<b>bold</b>", "Fine"]
+        items = pa.table({"item_idx": np.arange(1, 5, dtype=np.int32), "title": titles})
+        images = pa.table({"item_idx": np.arange(1, 5, dtype=np.int32), "image": [bomb(), b"junk", None, image_bytes()]})
+        write_table(images, tmp_path / "images.parquet", schema.IMAGES)
+        sequences = pa.table(
+            {"user_idx": [0], "user_key": ["u\u202e1"], "train_items": [[1]], "valid_item": [2], "test_item": [3]}
+        ).cast(schema.SEQUENCES)
+        candidates = pa.table({"user_idx": [0], "items": [[4, 3]], "scores": [[2.0, 1.0]]}).cast(candidates_schema(["fused"]))
+        page = recommendations_html(
+            candidates, sequences, items, tmp_path / "images.parquet", ReportConfig(top_n=2, thumb_height=30)
+        )
+        assert not any(c in page for c in ("\u202e", "\x00", "<b>"))
+        assert "Evil\ufffdexe" in page and "User u\ufffd1" in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+        assert page.count("data:image/jpeg;base64,") == 1  # only the good poster; the bomb is a placeholder
+
+
+# --- artifacts, resume, interrupted writes, params ------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ def test_text_features_shapes_masks_metadata(tmp_path, tiny_bert):
     assert meta["weights"] == {"source": "path", "path": str(tiny_bert)} and meta["encoder"] == str(tiny_bert)
     assert meta["preprocessing"] == {"template": "{title}. {text}", "lowercase": True, "max_tokens": 8}
     assert meta["pooled_only"] is False
-    assert meta["counts"] == {"present": 4, "empty": 1, "truncated": 2} == summary["counts"]
+    assert meta["counts"] == {"present": 4, "empty": 1, "truncated": 2, "unknown_only": 0} == summary["counts"]
 
     # first token = the encoder's own CLS output for that text
     encoder = TextEncoder(text_config(tiny_bert))

@@ -126,10 +126,11 @@ def test_movielens_missing_column_names_file_and_column(movielens: Path):
         read_movielens_mm(movielens, MovielensOptions())
 
 
-def test_movielens_bad_timestamp_names_row(movielens: Path):
+def test_movielens_mostly_bad_timestamps_stop_naming_row(movielens: Path):
     (movielens / "ratings.csv").write_text("user_id,movie_id,rating,unix_timestamp\n1,2,3,100\n1,3,3,yesterday\n")
-    with pytest.raises(SourceError, match=r"ratings.csv: column 'unix_timestamp' row 2: expected an integer, got 'yesterday'"):
-        read_movielens_mm(movielens, MovielensOptions())
+    raw = read_movielens_mm(movielens, MovielensOptions())  # 1 of 2 values unreadable: more than max_bad_fraction
+    with pytest.raises(SourceError, match=r"ratings.csv: column 'unix_timestamp' row 2: expected an integer, got 'yesterday'; 1 of 2"):
+        ingest(raw, SplitRules())
 
 
 def test_missing_file_says_which(movielens: Path):

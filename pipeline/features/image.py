@@ -15,8 +15,6 @@ white). Every outcome is counted, logged and written to the file's metadata as `
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from ..images import BOMB, ImageRefused, open_image
 from ..progress import Progress, log
 from . import PACKAGE_PREFIX, absent_mask, autocast, extract, inference_device, sha256
 from .efficientnet_lite import load_package_weights
@@ -78,19 +77,15 @@ def decode_image(data: bytes | None, size: int, interpolation: str, max_pixels: 
     """(size x size x 3 uint8 pixels or None, outcome, detail) for one encoded image."""
     if data is None:
         return None, "missing", ""
+
+    def pixels_of(image: Image.Image) -> tuple[np.ndarray, str]:
+        rgb = to_rgb(ImageOps.exif_transpose(image))
+        return np.array(rgb.resize((size, size), RESAMPLE[interpolation])), image.mode
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > max_pixels:  # checked on the header, before decoding
-                    return None, "too_large", f"{image.width}x{image.height} pixels > max_pixels {max_pixels}"
-                mode = image.mode
-                rgb = to_rgb(ImageOps.exif_transpose(image))
-                pixels = np.array(rgb.resize((size, size), RESAMPLE[interpolation]))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        return None, "too_large", str(err)
-    except Exception as err:  # any decoder failure flags this one image; it must never stop the stage
-        return None, "unreadable", f"{type(err).__name__}: {err}"
+        pixels, mode = open_image(data, max_pixels, pixels_of)
+    except ImageRefused as refused:  # it must never stop the stage: this one item gets zero features
+        return None, "too_large" if refused.reason == BOMB else "unreadable", refused.detail
     return pixels, "rgb" if mode == "RGB" else f"converted_{mode}", ""
 
 

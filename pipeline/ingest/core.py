@@ -15,22 +15,43 @@ Rules, in order (each dropped row is counted by reason in the report):
    counted over train items only.
 Items keep a missing text or image: their features are zero and flagged (`present` false);
 the counts appear in the report. Image files are packed into Parquet as encoded bytes.
+
+Bad input never stops ingest row by row. Rows with an unreadable value (a timestamp that is no
+time, an id of the wrong type) were dropped by the adapter; they are counted (`bad_timestamp`,
+`bad_user`, `bad_item`, `bad_item_key`) and their first row numbers are in the report under
+`bad_values`. Ingest stops only when more than `max_bad_fraction` of a column is unreadable (the
+wrong column or format), naming file, column and the first bad row, or when no user is left.
+An image is opened only when its path, with `..` and symlinks resolved, lies inside the dataset
+folder (`image_outside_root` otherwise), and only through the guarded `pipeline.images`.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .. import schema
+from ..images import MAX_PIXELS, ImageRefused, open_image
 from ..io import write_json, write_table
 from ..progress import Progress, log
-from .adapters.base import RawSource
+from .adapters.base import BadValues, RawSource, SourceError
+
+# What can be wrong with an item's image, as counted in the report (the first few are logged)
+IMAGE_PROBLEMS = (
+    "image_absolute_path",
+    "image_outside_root",
+    "image_missing",
+    "image_too_large",
+    "image_unreadable",
+    "image_bomb",
+)
+MAX_LOGGED_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
@@ -38,7 +59,18 @@ class SplitRules:
     min_user_interactions: int = 5
     max_user_interactions: int = 15
     max_image_bytes: int = 20_000_000  # a larger file is refused as a likely bomb / wrong file
+    max_image_pixels: int = MAX_PIXELS  # a larger image (from its header) is refused: image_bomb
+    min_image_side: int = 32  # a smaller width or height is counted: image_too_small
+    drop_small_images: bool = False  # true: such an image is dropped too (the item keeps no image)
+    max_bad_fraction: float = 0.1  # stop when more of a column's values are unreadable
     sample_users: int | None = None  # keep only the first N users (natural key order): quick trials
+
+    def validate(self) -> None:
+        if not 0 < self.max_image_pixels <= Image.MAX_IMAGE_PIXELS:
+            limit = Image.MAX_IMAGE_PIXELS
+            raise ValueError(f"max_image_pixels must be in 1..{limit} (PIL's own bomb limit), got {self.max_image_pixels}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in 0..1, got {self.max_bad_fraction}")
 
 
 @dataclass
@@ -131,44 +163,97 @@ def split(inter: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return seqs, popularity
 
 
-def pack_images(items: pl.DataFrame, max_bytes: int, dropped: Counter) -> tuple[pa.Table, list[bool]]:
-    """Read each item's local image file into bytes; missing or unreadable ones are counted."""
+def pack_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...], dropped: Counter) -> tuple[pa.Table, list[bool]]:
+    """Read each item's local image file into bytes; refused, missing or unreadable ones are counted."""
     data: list[bytes | None] = []
+    roots = tuple(root.absolute() for root in roots)
     progress = Progress("ingest: packing images", total=items.height)
-    for path, url in zip(items["image_path"], items["image_url"]):
-        data.append(_read_image(path, url, max_bytes, dropped))
+    for key, path, url, refused in items.select("item_key", "image_path", "image_url", "image_refused").iter_rows():
+        image, problem = _read_image(path, url, refused, rules, roots)
+        if problem:
+            dropped[problem] += 1
+            if problem in IMAGE_PROBLEMS and sum(dropped[p] for p in IMAGE_PROBLEMS) <= MAX_LOGGED_PROBLEMS:
+                log.warning("ingest: item %s: %s (%s)", key, problem, path)
+        data.append(image)
         progress.update(1)
     progress.close()
     table = pa.table({"item_idx": pa.array(items["item_idx"].to_numpy(), pa.int32()), "image": pa.array(data, pa.binary())})
     return table, [d is not None for d in data]
 
 
-def _read_image(path: str | None, url: str | None, max_bytes: int, dropped: Counter) -> bytes | None:
+def _read_image(
+    path: str | None, url: str | None, refused: str | None, rules: SplitRules, roots: tuple[Path, ...]
+) -> tuple[bytes | None, str | None]:
+    """(the file's bytes or None, the count name of what is wrong with it or None)."""
+    if refused:  # the adapter refused the reference itself
+        return None, refused
     if path is None:
-        dropped["image_url_only" if url else "image_none"] += 1
-        return None
-    file = Path(path)
+        return None, "image_url_only" if url else "image_none"
+    file = resolved_inside(Path(path), roots)  # read by its resolved path: a link swapped later is not followed
+    if file is None:
+        return None, "image_outside_root"
     if not file.is_file():
-        dropped["image_missing"] += 1
-        return None
-    if file.stat().st_size > max_bytes:
-        dropped["image_too_large"] += 1
-        return None
+        return None, "image_missing"
+    if file.stat().st_size > rules.max_image_bytes:
+        return None, "image_too_large"
     try:
-        with Image.open(file) as img:  # header only: full decoding is the image stage's job
-            img.format  # noqa: B018
-        return file.read_bytes()
-    except (UnidentifiedImageError, OSError):
-        dropped["image_unreadable"] += 1
+        data = file.read_bytes()
+        width, height = open_image(data, rules.max_image_pixels, lambda image: image.size)  # the header only
+    except OSError:
+        return None, "image_unreadable"
+    except ImageRefused as refusal:
+        return None, f"image_{refusal.reason}"
+    if min(width, height) < rules.min_image_side:
+        return None if rules.drop_small_images else data, "image_too_small"
+    return data, None
+
+
+def resolved_inside(path: Path, roots: tuple[Path, ...]) -> Path | None:
+    """`path` with its symlinks resolved when it lies in one of the (absolute) `roots` both as
+    written (`..` removed: a path that climbs out is refused without a system call) and resolved;
+    else None. Only the links on the way are read (lstat, readlink), never the file itself."""
+    lexical = Path(os.path.normpath(path.absolute()))
+    if not any(lexical.is_relative_to(os.path.normpath(root)) for root in roots):
         return None
+    real = Path(os.path.realpath(path))
+    return real if any(real.is_relative_to(os.path.realpath(root)) for root in roots) else None
+
+
+def check_bad_values(bad_values: list[BadValues], max_fraction: float) -> None:
+    """Log the rows adapters dropped for an unreadable value; stop when a column is mostly unreadable."""
+    for bad in bad_values:
+        log.warning("ingest: %d rows dropped (%s), the first: %s", bad.count, bad.reason, bad.describe())
+        if bad.count > max_fraction * bad.values_read:
+            raise SourceError(
+                f"{bad.describe()}; {bad.count} of {bad.values_read} values are unreadable, more than "
+                f"ingest.rules.max_bad_fraction {max_fraction} (is it the right column, or the right format?)"
+            )
+
+
+def nothing_left(rows_read: int, dropped: Counter, rules: SplitRules) -> str:
+    """Why no user is left: every rule that removed interactions, with its count."""
+    removed = ", ".join(f"{reason} {n}" for reason, n in dropped.items() if n and reason not in ("duplicate_item", "unused_item"))
+    if not removed:
+        return "ingest: no interactions read: the interactions file holds no data rows"
+    return (
+        f"ingest: no users left after the rules ({rows_read} interactions read; removed: {removed}). "
+        f"short_user: interactions of users with fewer than min_user_interactions ({rules.min_user_interactions}); "
+        "unknown_item: interactions whose item has no row in the items file; bad_*: unreadable values"
+    )
 
 
 def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
-    rows_read = raw.interactions.height  # lines an adapter could not parse are in counts
+    check_bad_values(raw.bad_values, rules.max_bad_fraction)
+    rows_read = raw.interactions.height  # lines an adapter could not parse, or with bad values, are in counts
     items_read = raw.items.height
     items, inter, dropped = clean(raw, rules)
+    for bad in raw.bad_values:
+        dropped[bad.reason] += bad.count
+    if inter.is_empty():
+        raise SourceError(nothing_left(rows_read, dropped, rules))
     seqs, popularity = split(inter)
-    images, has_image = pack_images(items, rules.max_image_bytes, dropped)
+    images, has_image = pack_images(items, rules, raw.image_roots, dropped)
+    items = items.drop("image_refused")
     items = items.with_columns(
         pl.col("title").fill_null(""),
         pl.col("text").fill_null(""),
@@ -187,6 +272,8 @@ def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
         "items_with_image": int(sum(has_image)),
         "counts": dict(sorted(dropped.items())),
     }
+    if raw.bad_values:
+        report["bad_values"] = [asdict(bad) for bad in raw.bad_values]
     log.info("ingest: %d users, %d items, %d interactions", report["users"], report["items"], report["interactions"])
     return Ingested(items, images, inter, seqs, popularity, report)
 

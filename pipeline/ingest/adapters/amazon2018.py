@@ -20,7 +20,17 @@ from pathlib import Path
 import polars as pl
 
 from ...progress import Progress
-from .base import INTERACTION_COLUMNS, ITEM_COLUMNS, RawSource, SourceError, require_file
+from .base import (
+    INTERACTION_COLUMNS,
+    ITEM_COLUMNS,
+    MAX_EXAMPLES,
+    OPTIONAL_ITEM_COLUMNS,
+    BadValues,
+    RawSource,
+    SourceError,
+    require_file,
+    unreadable,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # first one found wins
 
@@ -56,20 +66,64 @@ def json_lines(path: Path, what: str) -> Iterator[tuple[int, dict | None]]:
     progress.close()
 
 
-def as_key(value: object, path: Path, field: str, line: int) -> str | None:
+def as_key(value: object) -> str | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise SourceError(f"{path}: line {line}, field '{field}': expected a string id, got {value!r}")
+    raise ValueError(value)
 
 
-def as_seconds(value: object, path: Path, field: str, line: int) -> int | None:
+def as_seconds(value: object) -> int | None:
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value)
-    raise SourceError(f"{path}: line {line}, field '{field}': expected integer unix seconds, got {value!r}")
+    raise ValueError(value)
+
+
+# (field, parser, count name when unreadable, what was expected)
+REVIEW_FIELDS = (
+    ("reviewerID", as_key, "bad_user", "a string id"),
+    ("asin", as_key, "bad_item", "a string id"),
+    ("unixReviewTime", as_seconds, "bad_timestamp", "integer unix seconds"),
+)
+META_FIELDS = (("asin", as_key, "bad_item_key", "a string id"),)
+
+
+def parsed_lines(
+    path: Path, what: str, fields: tuple, dropped: Counter, skipped: str, bad_values: list[BadValues]
+) -> Iterator[tuple[list, dict]]:
+    """(parsed `fields`, record) per JSON-object line. Other lines are counted as `skipped`; a line
+    with a value of the wrong type is dropped and recorded in `bad_values` under its first bad field."""
+    lines, present, bad_count = 0, Counter(), Counter()
+    first_bad: dict[str, list[tuple[int, object]]] = {name: [] for name, *_ in fields}
+    for line, record in json_lines(path, what):
+        if record is None:
+            dropped[skipped] += 1
+            continue
+        lines += 1
+        present.update(name for name, *_ in fields if record.get(name) is not None)
+        values, failed = [], None
+        for name, parse, *_ in fields:
+            try:
+                values.append(parse(record.get(name)))
+            except ValueError:
+                failed = name
+                break
+        if failed is not None:
+            bad_count[failed] += 1
+            if len(first_bad[failed]) < MAX_EXAMPLES:
+                first_bad[failed].append((line, record.get(failed)))
+            continue
+        yield values, record
+    for name, _, reason, expected in fields:
+        if not present[name]:  # absent (or null) on every line: a missing column, not a data-quality issue
+            raise SourceError(
+                f"{path}: field '{name}' is missing on every line ({lines} JSON lines parsed; is this the right file?)"
+            )
+        if bad_count[name]:
+            bad_values.append(unreadable(path, name, reason, expected, lines, bad_count[name], first_bad[name], "line"))
 
 
 def as_text(value: object) -> str:
@@ -90,43 +144,26 @@ def first_url(record: dict) -> str | None:
     return None
 
 
-def require_field(values: list, path: Path, field: str) -> None:
-    """A field absent (or null) on every line is a missing column, not a data-quality issue."""
-    if all(v is None for v in values):
-        raise SourceError(f"{path}: field '{field}' is missing on every line ({len(values)} JSON lines parsed; is this the right file?)")
+def read_reviews(path: Path, dropped: Counter, bad_values: list[BadValues]) -> pl.DataFrame:
+    rows = [values for values, _ in parsed_lines(path, "reviews file", REVIEW_FIELDS, dropped, "unparseable_line", bad_values)]
+    return pl.DataFrame(rows, schema=INTERACTION_COLUMNS, orient="row")
 
 
-def read_reviews(path: Path, dropped: Counter) -> pl.DataFrame:
-    users, items, times = [], [], []
-    for line, record in json_lines(path, "reviews file"):
-        if record is None:
-            dropped["unparseable_line"] += 1
-            continue
-        users.append(as_key(record.get("reviewerID"), path, "reviewerID", line))
-        items.append(as_key(record.get("asin"), path, "asin", line))
-        times.append(as_seconds(record.get("unixReviewTime"), path, "unixReviewTime", line))
-    for field, values in (("reviewerID", users), ("asin", items), ("unixReviewTime", times)):
-        require_field(values, path, field)
-    return pl.DataFrame({"user_key": users, "item_key": items, "timestamp": times}, schema=INTERACTION_COLUMNS)
-
-
-def read_metadata(path: Path, images_dir: Path, text_fields: tuple[str, ...], dropped: Counter) -> pl.DataFrame:
+def read_metadata(
+    path: Path, images_dir: Path, text_fields: tuple[str, ...], dropped: Counter, bad_values: list[BadValues]
+) -> pl.DataFrame:
     local_images = {p.name for p in images_dir.iterdir()} if images_dir.is_dir() else set()
     rows = []
-    for line, record in json_lines(path, "metadata file"):
-        if record is None:
-            dropped["unparseable_item_line"] += 1
-            continue
-        asin = as_key(record.get("asin"), path, "asin", line)
+    for (asin,), record in parsed_lines(path, "metadata file", META_FIELDS, dropped, "unparseable_item_line", bad_values):
         image = next((f"{images_dir}/{asin}{ext}" for ext in IMAGE_EXTENSIONS if f"{asin}{ext}" in local_images), None)
         parts = [as_text(record.get(field)) for field in text_fields]
         rows.append((asin, as_text(record.get("title")), "\n".join(p for p in parts if p), image, first_url(record)))
-    require_field([row[0] for row in rows], path, "asin")
-    return pl.DataFrame(rows, schema=ITEM_COLUMNS, orient="row")
+    return pl.DataFrame(rows, schema={c: t for c, t in ITEM_COLUMNS.items() if c not in OPTIONAL_ITEM_COLUMNS}, orient="row")
 
 
 def read_amazon2018(path: Path, options: Amazon2018Options) -> RawSource:
     dropped: Counter = Counter()
-    interactions = read_reviews(path / options.reviews_file, dropped)
-    items = read_metadata(path / options.meta_file, path / options.images_dir, options.text_fields, dropped)
-    return RawSource(interactions=interactions, items=items, dropped=dropped)
+    bad_values: list[BadValues] = []
+    interactions = read_reviews(path / options.reviews_file, dropped, bad_values)
+    items = read_metadata(path / options.meta_file, path / options.images_dir, options.text_fields, dropped, bad_values)
+    return RawSource(interactions=interactions, items=items, dropped=dropped, bad_values=bad_values, image_roots=(path,))

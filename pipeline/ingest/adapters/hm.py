@@ -9,13 +9,14 @@ may hold them with or without the leading zero); a timestamp is the date at 00:0
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import polars as pl
 
-from .base import RawSource, SourceError, joined_text, read_table, require_columns, require_file
+from .base import BadValues, RawSource, ReadableRows, SourceError, joined_text, read_table, require_columns, require_file
 
 ARTICLE_ID = r"^\d{1,10}$"
 
@@ -36,20 +37,14 @@ class HMOptions:
                 raise ValueError(f"since: expected a date YYYY-MM-DD, got {self.since!r}") from None
 
 
-def stop_on_first_bad(frame: pl.DataFrame, bad: pl.Series, column: str, path: Path, expected: str) -> None:
-    """Raise naming the first row flagged in ``bad`` (``frame.row`` = 1-based data row)."""
-    rows = frame.filter(bad)
-    if rows.height:
-        raise SourceError(f"{path}: column '{column}' row {rows['row'][0]}: expected {expected}, got {rows[column][0]!r}")
-
-
-def article_keys(frame: pl.DataFrame, column: str, path: Path) -> pl.Series:
+def article_keys(frame: pl.DataFrame, column: str, readable: ReadableRows, reason: str) -> pl.Series:
+    """10-digit zero-padded article ids; other values are unreadable (their rows are dropped)."""
     ids = frame[column].str.strip_chars()
-    stop_on_first_bad(frame, ids.is_not_null() & ~ids.str.contains(ARTICLE_ID), column, path, "an article id of up to 10 digits")
-    return ids.str.zfill(10)
+    valid = pl.when(ids.str.contains(ARTICLE_ID)).then(ids.str.zfill(10))
+    return readable.check(column, frame[column], frame.select(valid).to_series(), reason, "an article id of up to 10 digits")
 
 
-def read_transactions(path: Path, since: str | None) -> pl.DataFrame:
+def read_transactions(path: Path, since: str | None) -> tuple[pl.DataFrame, list[BadValues]]:
     require_file(path, "transactions file")
     try:
         scan = pl.scan_csv(path, infer_schema=False, row_index_name="row", row_index_offset=1)
@@ -61,23 +56,28 @@ def read_transactions(path: Path, since: str | None) -> pl.DataFrame:
         frame = query.collect()
     except pl.exceptions.PolarsError as err:
         raise SourceError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
-    stop_on_first_bad(frame, frame["day"].is_null() & frame["t_dat"].is_not_null(), "t_dat", path, "a date YYYY-MM-DD")
-    return pl.DataFrame(
+    readable = ReadableRows(path, frame.height, rows=frame["row"])
+    readable.check("t_dat", frame["t_dat"], frame["day"], "bad_timestamp", "a date YYYY-MM-DD")
+    interactions = pl.DataFrame(
         {
             "user_key": frame["customer_id"],
-            "item_key": article_keys(frame, "article_id", path),
+            "item_key": article_keys(frame, "article_id", readable, "bad_item"),
             "timestamp": frame["day"].dt.epoch("s"),
         }
     )
+    return interactions.filter(readable.keep), readable.bad_values
 
 
 def read_hm(path: Path, options: HMOptions) -> RawSource:
-    interactions = read_transactions(path / options.transactions_file, options.since)
+    interactions, bad_values = read_transactions(path / options.transactions_file, options.since)
 
     articles_path = path / options.articles_file
-    articles = read_table(articles_path).with_row_index("row", offset=1)
+    dropped: Counter = Counter()
+    articles = read_table(articles_path, dropped)
     require_columns(articles, ["article_id", "prod_name", *options.text_columns], articles_path)
-    articles = articles.with_columns(article_keys(articles, "article_id", articles_path).alias("item_key"))
+    readable = ReadableRows(articles_path, articles.height)
+    keys = article_keys(articles, "article_id", readable, "bad_item_key")
+    articles = articles.with_columns(keys.alias("item_key")).filter(readable.keep)
     key = pl.col("item_key")
     items = articles.select(
         key,
@@ -86,4 +86,5 @@ def read_hm(path: Path, options: HMOptions) -> RawSource:
         pl.concat_str(pl.lit(f"{path / options.images_dir}/"), key.str.slice(0, 3), pl.lit("/"), key, pl.lit(".jpg")).alias("image_path"),
         pl.lit(None, pl.String).alias("image_url"),
     )
-    return RawSource(interactions=interactions, items=items)
+    bad_values += readable.bad_values
+    return RawSource(interactions=interactions, items=items, dropped=dropped, bad_values=bad_values, image_roots=(path,))

@@ -8,12 +8,13 @@ feedback, as in the paper). Duplicated movie ids in items.csv are resolved by th
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from .base import RawSource, read_table, require_columns, to_int64
+from .base import RawSource, ReadableRows, read_table, require_columns, to_int64
 
 
 @dataclass(frozen=True)
@@ -25,18 +26,17 @@ class MovielensOptions:
 
 def read_movielens_mm(path: Path, options: MovielensOptions) -> RawSource:
     ratings_path = path / options.ratings_file
-    ratings = read_table(ratings_path)
+    dropped: Counter = Counter()
+    ratings = read_table(ratings_path, dropped)
     require_columns(ratings, ["user_id", "movie_id", "unix_timestamp"], ratings_path)
-    interactions = pl.DataFrame(
-        {
-            "user_key": ratings["user_id"],
-            "item_key": ratings["movie_id"],
-            "timestamp": to_int64(ratings, "unix_timestamp", ratings_path),
-        }
-    )
+    readable = ReadableRows(ratings_path, ratings.height)
+    raw_times = ratings["unix_timestamp"]
+    times = readable.check("unix_timestamp", raw_times, to_int64(raw_times), "bad_timestamp", "an integer")
+    interactions = pl.DataFrame({"user_key": ratings["user_id"], "item_key": ratings["movie_id"], "timestamp": times})
+    interactions = interactions.filter(readable.keep)
 
     items_path = path / options.items_file
-    movies = read_table(items_path)
+    movies = read_table(items_path, dropped)
     require_columns(movies, ["movie_id", "title", "overview"], items_path)
     posters = path / options.posters_dir
     items = movies.select(
@@ -46,4 +46,4 @@ def read_movielens_mm(path: Path, options: MovielensOptions) -> RawSource:
         pl.concat_str(pl.lit(f"{posters}/"), pl.col("movie_id"), pl.lit(".jpg")).alias("image_path"),
         pl.lit(None, pl.String).alias("image_url"),
     )
-    return RawSource(interactions=interactions, items=items)
+    return RawSource(interactions=interactions, items=items, dropped=dropped, bad_values=readable.bad_values, image_roots=(path,))
