@@ -63,14 +63,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def write_table(
-    table: pa.Table, path: str | Path, schema: pa.Schema, metadata: dict | None = None, row_group_size: int | None = None
-) -> None:
+def write_table(table: pa.Table, path: str | Path, schema: pa.Schema, metadata: dict | None = None) -> None:
     """Write a whole table with an explicit schema (cast, so a mismatch fails loudly)."""
     schema = with_metadata(schema, metadata)
     table = table.select(schema.names).cast(schema)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_size, **PARQUET_OPTIONS)
+        pq.write_table(table, tmp, **PARQUET_OPTIONS)
 
 
 @contextlib.contextmanager

@@ -88,7 +88,7 @@ class FeatureCache:
     def write_part(self, table: pa.Table, metadata: dict) -> Path:
         """Write `table` (schema feature_cache) as one new part named after its keys, atomically."""
         path = self.folder / f"part-{hashlib.sha256(b''.join(table['key'].to_pylist())).hexdigest()[:32]}.parquet"
-        write_table(table, path, feature_cache(*self.shape), metadata, row_group_size=max(table.num_rows, 1))
+        write_table(table, path, feature_cache(*self.shape), metadata)  # one row group (windows are < 1M rows)
         return path
 
     def gather(self, keys: list[bytes]) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray]:
