@@ -65,18 +65,3 @@ def token_features(num_tokens: int, dim: int) -> pa.Schema:
             pa.field("present", pa.bool_(), nullable=False),  # False: no/bad input, tokens are zero
         ]
     )
-
-
-def feature_cache(num_tokens: int, dim: int) -> pa.Schema:
-    """One cached encoder output per distinct input: the key is sha256(encoder identity digest +
-    the exact input), the rest is what the feature file holds for an item with that input."""
-    return pa.schema(
-        [
-            pa.field("key", pa.binary(32), nullable=False),
-            pa.field("outcome", pa.string(), nullable=False),  # counted in the feature file's metadata
-            pa.field("device", pa.string(), nullable=False),  # cpu | cuda: what computed it
-            pa.field("tokens", pa.list_(pa.float16(), num_tokens * dim), nullable=False),
-            pa.field("mask", pa.list_(pa.bool_(), num_tokens), nullable=False),
-            pa.field("present", pa.bool_(), nullable=False),
-        ]
-    )

@@ -4,7 +4,7 @@ Each entry is keyed by sha256(encoder identity digest + the exact input the enco
 item text after templating, or the image bytes). The identity holds the model, a hash of its
 weights, the preprocessing params and the token count, so changing any of them misses every
 entry. Entries live in immutable Parquet parts (`part-<hash of their keys>.parquet`, schema
-`pipeline.schema.feature_cache`, plain data, never pickle), written atomically, one per window
+`feature_cache` below, plain data, never pickle), written atomically, one per window
 of encoded items: an interrupted run keeps its finished windows. A folder of immutable parts
 suits DVC (a `persist: true` directory output whose unchanged files are stored once) and
 several ranks writing at once. Parts whose entries are mostly unused (items removed, encoder changed) are
@@ -25,11 +25,25 @@ import pyarrow.parquet as pq
 
 from ..io import write_table
 from ..progress import log
-from ..schema import feature_cache
 
 PART_GLOB = "part-*.parquet"
 MIN_PARTS = 16  # `compact` merges parts when there are over twice as many as full ones would need, plus this
 CACHED_ROW_GROUPS = 4  # decoded row groups kept while gathering (reads are mostly in order)
+
+
+def feature_cache(num_tokens: int, dim: int) -> pa.Schema:
+    """One cached encoder output per distinct input: the key is sha256(encoder identity digest +
+    the exact input), the rest is what the feature file holds for an item with that input."""
+    return pa.schema(
+        [
+            pa.field("key", pa.binary(32), nullable=False),
+            pa.field("outcome", pa.string(), nullable=False),  # counted in the feature file's metadata
+            pa.field("device", pa.string(), nullable=False),  # cpu | cuda: what computed it
+            pa.field("tokens", pa.list_(pa.float16(), num_tokens * dim), nullable=False),
+            pa.field("mask", pa.list_(pa.bool_(), num_tokens), nullable=False),
+            pa.field("present", pa.bool_(), nullable=False),
+        ]
+    )
 
 
 def identity_digest(identity: dict) -> bytes:
