@@ -3,8 +3,10 @@
 `text.py` and `image.py` each turn one modality into a Parquet file with the schema
 `pipeline.schema.token_features(T, D)`: one row per item 1..N in item order, first token =
 CLS / pooled vector, float16, absent items zero with `present` false. This module holds what
-both share: device and thread set-up, reading input in chunks, and writing one chunk as one
-Parquet row group (so memory stays bounded however large the catalogue).
+both share: device and thread set-up, reading input in chunks, and `extract`: the incremental
+(content-keyed cache, `cache.py`), sharded (torchrun ranks, `plan`) loop that encodes only new
+inputs and writes the file one row group of `chunk_size` items at a time (so memory stays
+bounded however large the catalogue).
 """
 
 from __future__ import annotations
@@ -127,15 +129,17 @@ def extract(
     """The sharded, incremental extraction both stages share.
 
     `encoder` gives each item's input as bytes (`contents(chunk)`, None = no input, outcome
-    `encoder.absent`), its identity, and encodes a window of inputs batch by batch
-    (`encode_window(contents, item numbers, batch_size, batches)`). Every rank hashes every item's input with
-    the encoder identity, looks the keys up in the cache at `cache_dir` (None: a temporary one,
-    deleted at the end), encodes its share of the new keys (`plan`) into a cache part; then rank
-    0 writes the feature file from the cache, one row group of `chunk_size` items at a time,
-    and compacts the cache. Returns a summary (items, encoded, reused, seconds, items_per_s, ...)."""
+    `encoder.absent`), its metadata (model, weights and preprocessing: its identity), and encodes
+    a window of inputs batch by batch (`encode_window(contents, item numbers, batch_size, batches)`).
+    Every rank hashes every item's input with the encoder identity, looks the keys up in the cache
+    at `cache_dir` (None: a temporary one, deleted at the end) and encodes its share of the new
+    keys (`plan`) into cache parts; then rank 0 writes the feature file from the cache, one row
+    group of `chunk_size` items at a time, and compacts the cache. Returns a summary (items,
+    encoded, reused, seconds, items_per_s, timings, counts on rank 0)."""
     env = env or Distributed(0, 1, 0, encoder.device)
     shape = (encoder.num_tokens, encoder.dim)
-    digest = identity_digest(encoder.identity())
+    metadata = encoder.metadata()  # the identity: what the features depend on besides the input
+    digest = identity_digest({k: metadata[k] for k in ("modality", "encoder", "weights", "num_tokens", "dim", "preprocessing")})
     total = pq.ParquetFile(input_path).metadata.num_rows
     log.info("%s: %d items, %s on %s -> %s tokens per item", what, total, encoder.name, encoder.device, shape)
     keys: list[bytes | None] = []
@@ -144,7 +148,8 @@ def extract(
     temporary = cache_dir is None  # then a folder beside the output (shared by the ranks), deleted at the end
     cache_dir = Path(out_path).with_name(f".{Path(out_path).name}.cache") if temporary else Path(cache_dir)
     try:
-        return extract_with_cache(what, encoder, input_path, columns, config, out_path, keys, FeatureCache(cache_dir, *shape), env)
+        cache = FeatureCache(cache_dir, *shape)
+        return extract_with_cache(what, encoder, input_path, columns, config, out_path, keys, cache, env)
     finally:
         if temporary and env.is_main:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -193,7 +198,9 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
     return summary
 
 
-def write_features(what: str, encoder, cache: FeatureCache, keys: list[bytes | None], chunk_size: int, out_path, world_size: int) -> dict:
+def write_features(
+    what: str, encoder, cache: FeatureCache, keys: list[bytes | None], chunk_size: int, out_path: str | Path, world_size: int
+) -> dict:
     """The feature file (one row group per `chunk_size` items, in item order) from the cache;
     returns the outcome counts."""
     num_tokens = encoder.num_tokens

@@ -152,7 +152,8 @@ class FeatureCache:
         unused = len(self.index) - len(live)
         if unused <= len(live) and len(self.parts) <= 2 * (len(live) // chunk_size + 1) + MIN_PARTS:
             return
-        log.info("feature cache %s: %d entries used, %d unused, %d parts: rewriting", self.folder, len(live), unused, len(self.parts))
+        log.info("feature cache %s: %d entries used, %d unused, %d parts: rewriting",
+                 self.folder, len(live), unused, len(self.parts))
         kept = []
         for start in range(0, len(live), chunk_size):
             keys = live[start : start + chunk_size]

@@ -192,11 +192,6 @@ class ImageEncoder:
             )
         return torch.cat([pooled[:, None], cells], dim=1).half().cpu().numpy()
 
-    def identity(self) -> dict:
-        """What the cached features depend on besides the image bytes (the cache key)."""
-        meta = self.metadata()
-        return {k: meta[k] for k in ("modality", "encoder", "weights", "num_tokens", "dim", "preprocessing")}
-
     def metadata(self) -> dict:
         c = self.config
         return {

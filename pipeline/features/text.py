@@ -120,11 +120,6 @@ class TextEncoder:
         tokens[:, :length] = hidden[:, :length].float().cpu() * mask[:, :length, None]
         return tokens.half().numpy(), mask.numpy()
 
-    def identity(self) -> dict:
-        """What the cached features depend on besides the text (the cache key)."""
-        meta = self.metadata()
-        return {k: meta[k] for k in ("modality", "encoder", "weights", "num_tokens", "dim", "preprocessing")}
-
     def metadata(self) -> dict:
         c = self.config
         return {
