@@ -19,6 +19,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -171,8 +172,11 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
     windows = [todo[w * config.chunk_size : (w + 1) * config.chunk_size] for w, _ in shares]
     mine = sum(min(len(w), b.stop * config.batch_size) - b.start * config.batch_size for w, (_, b) in zip(windows, shares))
     progress = Progress(tag, total=mine)
-    if shares:
-        inputs = contents_at(encoder, input_path, columns, config.chunk_size, np.concatenate(windows))
+    # A part is compressed and written in a thread while the next window is encoded (Arrow
+    # releases the GIL): on a GPU, writing would otherwise stall the encoder.
+    with ThreadPoolExecutor(1) as writer:
+        written = []
+        inputs = contents_at(encoder, input_path, columns, config.chunk_size, np.concatenate(windows)) if shares else iter(())
         for (_, batches), window in zip(shares, windows):
             contents = list(itertools.islice(inputs, len(window)))
             encoded = []  # this rank's batches of the window, written as one cache part
@@ -180,7 +184,11 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
                 batch_keys = [keys[window[i]] for i in index]
                 encoded.append(cache_rows(batch_keys, outcomes, [encoder.device.type] * len(index), tokens, mask, present))
                 progress.update(len(index))
-            cache.write_part(pa.concat_tables(encoded), encoder.metadata())
+            if len(written) == 2:
+                written.pop(0).result()  # at most two windows wait to be written; a failed write raises here
+            written.append(writer.submit(cache.write_part, pa.concat_tables(encoded), encoder.metadata()))
+        for w in written:
+            w.result()
     seconds = time.perf_counter() - progress.start
     rate = progress.close()
     timings = {k: round(v, 2) for k, v in sorted(encoder.timings.items())}
