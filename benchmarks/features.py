@@ -235,7 +235,8 @@ def run_stage(name: str, stage: str, args: list[str], procs: int, log_path: Path
     launcher = [sys.executable]
     if procs > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-    threads = max(1, len(os.sched_getaffinity(0)) // procs)
+    threads = 1  # one per process in every run: so the runs compare processes, not threads (and on a
+    # loaded machine 2 OpenMP threads per process were 40x slower than 1: they wait for each other)
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([*launcher, script, *args], capture_output=True, text=True, env=env)
@@ -251,6 +252,11 @@ def run_stage(name: str, stage: str, args: list[str], procs: int, log_path: Path
               "encoded": int(found[2]), "encode_items_per_s_per_rank": rates, "seconds_per_rank": timings}
     log.info("%s %s: %s", stage, name, result)
     return result
+
+
+def encoding_s(run: dict) -> float:
+    """Seconds the slowest rank spent encoding (decoding included), without start-up, hashing and writing."""
+    return max(run["encoded"] / run["processes"] / rate for rate in run["encode_items_per_s_per_rank"])
 
 
 def compare(a: Path, b: Path, rows: int | None = None) -> dict:
@@ -310,12 +316,15 @@ def scale(items: int, modalities: list[str], image_size: int, real_text: bool, o
         r = report[modality]
         runs = r["runs"]
         print(f"{modality} ({r['encoder']}), {items} items:")
-        print(f"  1 process:        {runs['single']['wall_s']:7.1f} s, encoded {runs['single']['encoded']}")
+        print(f"  1 process:        {runs['single']['wall_s']:7.1f} s, encoded {runs['single']['encoded']}, "
+              f"seconds per rank {runs['single']['seconds_per_rank']}")
         same, incremental = r["sharded_vs_single"], runs["incremental"]
         print(f"  torchrun 2 procs: {runs['sharded']['wall_s']:7.1f} s, encoded {runs['sharded']['encoded']}; same file: "
-              f"bit-identical {same['bit_identical']}, largest difference {same['max_abs_diff']:.3g}")
+              f"bit-identical {same['bit_identical']}, largest difference {same['max_abs_diff']:.3g}; "
+              f"seconds per rank {runs['sharded']['seconds_per_rank']}")
         print(f"  +{added} items (1%): {incremental['wall_s']:7.1f} s, encoded {incremental['encoded']}, reused "
-              f"{incremental['reused']} ({100 * incremental['wall_s'] / runs['single']['wall_s']:.1f}% of the full run's time)")
+              f"{incremental['reused']} ({100 * incremental['wall_s'] / runs['single']['wall_s']:.1f}% of the full run's time; "
+              f"encoding {encoding_s(incremental):.1f} s against {encoding_s(runs['single']):.1f} s)")
     print(f"written to {out}")
 
 

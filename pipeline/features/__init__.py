@@ -177,10 +177,13 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
     with ThreadPoolExecutor(1) as writer:
         written = []
         inputs = contents_at(encoder, input_path, columns, config.chunk_size, np.concatenate(windows)) if shares else iter(())
-        for (_, batches), window in zip(shares, windows):
-            contents = list(itertools.islice(inputs, len(window)))
+        jobs = (
+            (window, encoder.encode_window(list(itertools.islice(inputs, len(window))), window + 1, config.batch_size, batches))
+            for (_, batches), window in zip(shares, windows)
+        )
+        for window, batches in one_ahead(jobs):  # the next window's image decoding starts before this one is encoded
             encoded = []  # this rank's batches of the window, written as one cache part
-            for index, tokens, mask, present, outcomes in encoder.encode_window(contents, window + 1, config.batch_size, batches):
+            for index, tokens, mask, present, outcomes in batches:
                 batch_keys = [keys[window[i]] for i in index]
                 encoded.append(cache_rows(batch_keys, outcomes, [encoder.device.type] * len(index), tokens, mask, present))
                 progress.update(len(index))
@@ -234,6 +237,17 @@ def write_features(
         writer.add_key_value_metadata({"counts": json.dumps(counts, sort_keys=True),
                                        "device": json.dumps("+".join(sorted(devices)) or encoder.device.type)})
     return counts
+
+
+def one_ahead(iterable):
+    """The items of `iterable`, each yielded only once the next one has been made."""
+    iterator = iter(iterable)
+    current = next(iterator, None)
+    for following in iterator:
+        yield current
+        current = following
+    if current is not None:
+        yield current
 
 
 def barrier(env: Distributed) -> None:

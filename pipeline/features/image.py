@@ -145,13 +145,17 @@ class ImageEncoder:
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]]:
         """Decode (in `num_workers` processes, into pinned memory on CUDA) and encode the given
         batches of consecutive images (`items`: their item numbers, for the log): (rows, tokens,
-        mask, present, outcomes) per batch."""
+        mask, present, outcomes) per batch. The workers start decoding at once, before the first
+        batch is asked for, so that the next window decodes while this one is encoded."""
         rows = [np.arange(b * batch_size, min((b + 1) * batch_size, len(blobs))) for b in batches]
-        cuda = self.device.type == "cuda"
         workers = min(self.config.num_workers, len(rows))
-        loader = DataLoader(EncodedImages(blobs, self.config), batch_sampler=rows, num_workers=workers, pin_memory=cuda)
+        loader = DataLoader(EncodedImages(blobs, self.config), batch_sampler=rows, num_workers=workers,
+                            pin_memory=self.device.type == "cuda")
+        return self._encode_batches(iter(loader), rows, items)
+
+    def _encode_batches(self, decoded: Iterator, rows: list[np.ndarray], items: np.ndarray) -> Iterator:
         waited = time.perf_counter()
-        for index, (pixels, outcomes, details, decode_s) in zip(rows, loader):
+        for index, (pixels, outcomes, details, decode_s) in zip(rows, decoded):
             started = time.perf_counter()
             self.timings["waiting_for_decode_s"] += started - waited
             self.timings["decode_s"] += float(decode_s.sum())
