@@ -51,10 +51,12 @@ def test_missing_cache_warning_becomes_one_line(tmp_path):
         if cached.is_file():
             cached.unlink()
     (tmp_path / "features.txt").unlink()
+    # and a stage that dvc.lock does not know yet
+    (tmp_path / "dvc.yaml").write_text("stages:\n  later:\n    cmd: echo x > later.txt\n    outs: [later.txt]\n")
     proc = attempt([sys.executable, "-m", "pipeline.pull"], tmp_path, {"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
-    assert "neither locally nor on remote" not in proc.stdout + proc.stderr
-    assert "Not on the remote yet, so `dvc repro` computes them: 1 file(s)." in proc.stdout
+    assert "neither locally nor on remote" not in proc.stdout + proc.stderr and "hash info" not in proc.stdout + proc.stderr
+    assert "Not on the remote yet, so `dvc repro` computes them: 2 file(s) (later.txt)." in proc.stdout
 
 
 def test_summary_names_a_few_outputs():
