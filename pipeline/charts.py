@@ -53,7 +53,8 @@ def training_curves(metrics_dir: Path, run: str, path: Path) -> bool:
             loss_ax.plot(*read_curve(train / f"ce_{branch}.tsv"), label=f"{branch}: cross-entropy", color=BRANCH_COLOURS[branch])
     for tsv in sorted(train.glob("kd_*_from_*.tsv")):
         student = tsv.stem.split("_")[1]
-        loss_ax.plot(*read_curve(tsv), label=tsv.stem.removeprefix("kd_").replace("_from_", " <- "), color=BRANCH_COLOURS.get(student), linestyle=":")
+        label = tsv.stem.removeprefix("kd_").replace("_from_", " <- ")
+        loss_ax.plot(*read_curve(tsv), label=label, color=BRANCH_COLOURS.get(student), linestyle=":")
     loss_ax.set(title="training loss per branch (dotted: distillation)", xlabel="epoch", ylabel="loss")
     if (train / "kd_weight.tsv").exists():
         kd_ax.plot(*read_curve(train / "kd_weight.tsv"), color="tab:purple")
@@ -62,7 +63,8 @@ def training_curves(metrics_dir: Path, run: str, path: Path) -> bool:
         tsv = valid / branch / "hr@10.tsv"
         if tsv.exists():
             steps, values = read_curve(tsv)
-            hr_ax.plot(steps, 100 * values, label=branch, color=BRANCH_COLOURS[branch], linewidth=2.5 if branch == "fused" else 1.2)
+            width = 2.5 if branch == "fused" else 1.2
+            hr_ax.plot(steps, 100 * values, label=branch, color=BRANCH_COLOURS[branch], linewidth=width)
     hr_ax.set(title="validation HR@10 (%)", xlabel="epoch")
     for ax in (loss_ax, hr_ax):
         ax.legend(fontsize=8)
@@ -103,7 +105,8 @@ def report_charts(runs: list[dict], at_k_dir: Path, logs_dir: Path, out_dir: Pat
     if curves:
         metrics_at_k({v: curves[v] for v in order if v in curves}, "test", out_dir / "at_k.png")
         charts.append(("Test HR@K and NDCG@K per variant (fused score)", "at_k.png"))
-    for run in sorted(runs, key=lambda r: (order.index(r["run"]["variant"]) if r["run"]["variant"] in order else len(order), r["run"]["run"])):
+    rank = {variant: i for i, variant in enumerate(order)}
+    for run in sorted(runs, key=lambda r: (rank.get(r["run"]["variant"], len(order)), r["run"]["run"])):
         name = run["run"]["run"]
         if training_curves(Path(logs_dir) / name / "plots" / "metrics", name, out_dir / f"training-{name}.png"):
             charts.append((f"Training curves of {name}", f"training-{name}.png"))

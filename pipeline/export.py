@@ -99,7 +99,9 @@ def items_schema(branches: list[str], branch_dim: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def export_run(encoder: UserEncoder, branches: list[str], item_keys: list[str], index_config: IndexConfig, out_dir: Path, provenance: dict) -> dict:
+def export_run(
+    encoder: UserEncoder, branches: list[str], item_keys: list[str], index_config: IndexConfig, out_dir: Path, provenance: dict
+) -> dict:
     """Write items.parquet, index.faiss and user_encoder.pt2 into ``out_dir``; return the file
     sizes in bytes. ``item_keys[i]`` is the key of item_idx i + 1."""
     vectors = encoder.item_table[1:].numpy()  # (N, B*d), item_idx 1..N

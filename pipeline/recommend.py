@@ -93,7 +93,8 @@ def recommend(
             excluded = block if config.exclude_history else [np.zeros(0, np.int32)] * len(block)
             items, scores = _ragged(*search_unseen(index, queries, excluded, config.k))
             keys = pa.ListArray.from_arrays(items.offsets, pa.array(item_keys).take(items.values))
-            writer.write_table(pa.table([pa.array(user_keys[start : start + len(block)], pa.string()), keys, scores], schema=writer.schema))
+            users = pa.array(user_keys[start : start + len(block)], pa.string())
+            writer.write_table(pa.table([users, keys, scores], schema=writer.schema))
             progress.update(len(block))
     return progress.close()
 

@@ -24,7 +24,9 @@ from pipeline.training import load_trained
 args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
 config = load_section(RecommendConfig, "recommend", args.params)
 model, info = load_trained(Path("models") / args.run)
-provenance = {"run": args.run, "variant": info["variant"], "backbone": info["backbone"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
+provenance = {key: info[key] for key in ("variant", "backbone", "seed", "best_epoch")} | {"run": args.run}
 items = pq.read_table("data/ingest/items.parquet", columns=["item_idx", "item_key"]).sort_by("item_idx")
-sizes = export_run(user_encoder(model, info["max_len"]), list(info["branches"]), items.column("item_key").to_pylist(), config.index, Path("exports") / args.run, provenance)
+encoder = user_encoder(model, info["max_len"])
+keys = items.column("item_key").to_pylist()
+sizes = export_run(encoder, list(info["branches"]), keys, config.index, Path("exports") / args.run, provenance)
 log.info("exports/%s: %s", args.run, ", ".join(f"{name} {size / 2**20:.2f} MiB" for name, size in sizes.items()))
