@@ -5,19 +5,19 @@ exports/{run}/
   per branch (float32), the model's provenance in the file metadata.
 - index.faiss: the FAISS index over the fused item vectors, written by FAISS itself; row r is
   item_idx r + 1 (items.parquet is in that order). The recommend stage searches this very file.
-- user_encoder.pt2: the user side as a `torch.export` program: (U, L) left-padded item indices
-  (0 = padding, else item_idx from items.parquet) -> (U, B*d) user vectors, where the inner
-  product with an item's fused vector is the model's fused score. It holds the item vector
+- user_encoder.pt2: the user side as a `torch.export` program: (U, max_len) int64 left-padded
+  item indices (0 = padding, else item_idx from items.parquet; max_len is in the metadata of
+  items.parquet, any U) -> (U, B*d) user vectors, where the inner product with an item's
+  fused vector is the model's fused score. It holds the item vector
   table and the branch sequence encoders; the IMT and the frozen features stay behind (the
   table already is their output), so it is small and needs neither this repository nor the
   feature files.
 
 Why torch.export and not TorchScript: TorchScript is deprecated in PyTorch 2.x; torch.export
 is its successor, records the graph with a dynamic user dimension, and its archive holds a
-serialised graph plus tensors, loaded by `torch.export.load` without unpickling arbitrary
-Python objects (its tensors go through the weights-only unpickler). Trust model: loading an
-export runs only the ATen operators its graph names; still load exports only from a store you
-trust, as with any model file.
+serialised graph (JSON) plus plain tensors as raw bytes. PyTorch still documents
+`torch.export.load` as using pickle (the small example-input record, read weights-only first),
+so load exports only from a store you trust, as with any model file.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def export_run(
         "branch_dim": d,
         "max_len": encoder.max_len,
         "index": to_dict(index_config),
-        "user_encoder": f"{ENCODER_FILE}: torch.export program, (U, L) int64 left-padded item_idx (0 = padding) "
-        f"-> (U, {vectors.shape[1]}) float32; the last {encoder.max_len} items are used",
+        "user_encoder": f"{ENCODER_FILE}: torch.export program, (U, {encoder.max_len}) int64 item_idx of the last "
+        f"{encoder.max_len} history items, left-padded with 0 -> (U, {vectors.shape[1]}) float32 user vectors",
     }
     out_dir = Path(out_dir)
     write_table(pa.table(columns), out_dir / ITEMS_FILE, items_schema(branches, d), metadata)

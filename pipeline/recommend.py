@@ -127,12 +127,15 @@ def read_histories(path: Path, item_index: dict[str, int]) -> tuple[list[str], l
             "timestamp": unix_seconds(frame, "timestamp", path),
         }
     )
-    counts = Counter(rows=frame.height, users=frame["user"].n_unique())
+    counts = Counter(rows=frame.height, users=frame["user"].drop_nulls().n_unique())
     known = frame.drop_nulls()
     counts["skipped_missing_value"] = frame.height - known.height
-    known = known.with_columns(pl.col("item").replace_strict(item_index, default=None, return_dtype=pl.Int32).alias("item_idx"))
+    unique = known.unique(maintain_order=True)  # as ingest: an exact repeat of an event is dropped
+    counts["skipped_duplicate"] = known.height - unique.height
+    known = unique.with_columns(pl.col("item").replace_strict(item_index, default=None, return_dtype=pl.Int32).alias("item_idx"))
     counts["skipped_unknown_item"] = int(known["item_idx"].null_count())
-    known = known.drop_nulls().with_columns(natural_order(known.drop_nulls()["item"]).alias("key_rank"))
+    known = known.drop_nulls()
+    known = known.with_columns(natural_order(known["item"]).alias("key_rank"))
     grouped = known.sort(["user", "timestamp", "key_rank"]).group_by("user", maintain_order=True).agg(pl.col("item_idx"))
     grouped = grouped.sort(natural_order(grouped["user"]))
     counts["users_scored"] = grouped.height
@@ -159,6 +162,7 @@ def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, 
     sequences = pq.read_table(ingest / "sequences.parquet", filters=[("user_key", "=", user)])
     items = pq.read_table(ingest / "items.parquet", columns=["item_idx", "item_key", "title"])
     index_of = dict(zip(items.column("item_key").to_pylist(), items.column("item_idx").to_pylist()))
+    index_key = {i: key for key, i in index_of.items()}
     titles = dict(zip(items.column("item_idx").to_pylist(), items.column("title").to_pylist()))
     report = load_section(ReportConfig, "report", params)
     history = whole_histories(sequences)[0][-report.history_shown :].tolist()
@@ -166,9 +170,9 @@ def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, 
     scores = found.column("scores")[0].as_py()[:top]
 
     lines = [f"User {user}, run {run}: last {len(history)} items of the history, oldest first"]
-    lines += [f"  {titles[i]}" for i in history]
+    lines += [f"  {titles[i] or index_key[i]}" for i in history]
     lines += [f"Top {len(recommended)}:"]
-    lines += [f"  {rank:2d}. {titles[i]}  ({score:.3f})" for rank, (i, score) in enumerate(zip(recommended, scores), 1)]
+    lines += [f"  {rank:2d}. {titles[i] or index_key[i]}  ({score:.3f})" for rank, (i, score) in enumerate(zip(recommended, scores), 1)]
     if html_path is not None:
         page = poster_page(
             [(user, history, recommended, None)],

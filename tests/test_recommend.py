@@ -118,7 +118,7 @@ def test_new_histories_are_scored_without_retraining_and_unknown_items_are_skipp
     sequences = pq.read_table(project / "data/ingest/sequences.parquet")
     first = whole_histories(sequences)[0]
     rows = [("new-a", f"i{item}", 1000 + t) for t, item in enumerate(first)]  # a copy of user u0
-    rows += [("new-a", "unknown-1", 5000), ("new-b", "unknown-2", 7), ("new-b", "unknown-3", 8), ("new-c", "i3", None)]
+    rows += [("new-a", "unknown-1", 5000), ("new-b", "unknown-2", 7), ("new-b", "unknown-3", 8), ("new-c", "i3", None), rows[0]]
     path = tmp_path / "new.csv"
     path.write_text("user,item,timestamp\n" + "".join(f"{u},{i},{'' if t is None else t}\n" for u, i, t in rows))
     run_stage(project, "recommend.py", "--run", RUN, "--histories", str(path), monkeypatch=monkeypatch)
@@ -128,7 +128,8 @@ def test_new_histories_are_scored_without_retraining_and_unknown_items_are_skipp
     stage = pq.read_table(project / "data/recommendations" / f"{RUN}.parquet").to_pylist()[0]
     assert recs[0]["items"] == stage["items"]
     source = read_metadata(out)["histories"]
-    for counted in ("skipped_unknown_item 3", "skipped_missing_value 1", "skipped_users_without_known_item 2", "users_scored 1"):
+    counts = ("skipped_unknown_item 3", "skipped_missing_value 1", "skipped_duplicate 1", "skipped_users_without_known_item 2", "users_scored 1")
+    for counted in counts:
         assert counted in source
 
 
