@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.io import atomic_path, read_json  # noqa: E402
@@ -45,7 +46,7 @@ def training_curves(metrics_dir: Path, run: str, path: Path) -> bool:
     train, valid = Path(metrics_dir) / "train", Path(metrics_dir) / "valid"
     if not (train / "loss.tsv").exists():
         return False
-    figure, (loss_ax, kd_ax, hr_ax) = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    figure, (loss_ax, kd_ax, hr_ax) = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     # Per-branch terms only: the total (their sum, with the ramped distillation terms) would
     # dwarf them; it is in dvc plots.
     for branch in ("id", "text", "image", "fused"):
@@ -70,6 +71,7 @@ def training_curves(metrics_dir: Path, run: str, path: Path) -> bool:
         ax.legend(fontsize=8)
     for ax in (loss_ax, kd_ax, hr_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     figure.suptitle(f"Training of {run}", fontweight="bold")
     save(figure, path)
     return True
