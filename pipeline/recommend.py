@@ -85,6 +85,7 @@ def recommend(
     return the users/s. ``item_keys[i]`` is the key of item_idx i (row 0: padding)."""
     faiss.omp_set_num_threads(available_cpus())
     progress = Progress("recommend", total=len(user_keys), unit="users")
+    key_of = pa.array(item_keys, pa.string())
     with parquet_writer(path, RECOMMENDATIONS, metadata) as writer:
         for start in range(0, len(user_keys), config.user_block_size):
             block = histories[start : start + config.user_block_size]
@@ -92,7 +93,7 @@ def recommend(
                 queries = encoder(left_pad(block, encoder.max_len)).numpy()
             excluded = block if config.exclude_history else [np.zeros(0, np.int32)] * len(block)
             items, scores = _ragged(*search_unseen(index, queries, excluded, config.k))
-            keys = pa.ListArray.from_arrays(items.offsets, pa.array(item_keys).take(items.values))
+            keys = pa.ListArray.from_arrays(items.offsets, key_of.take(items.values))
             users = pa.array(user_keys[start : start + len(block)], pa.string())
             writer.write_table(pa.table([users, keys, scores], schema=writer.schema))
             progress.update(len(block))
@@ -116,8 +117,8 @@ def recommend_metadata(provenance: dict, config: RecommendConfig, max_len: int, 
 def read_histories(path: Path, item_index: dict[str, int]) -> tuple[list[str], list[np.ndarray], Counter]:
     """Users and their histories (item indices, oldest first) from a CSV or Parquet file of
     user, item, timestamp. Ordered as ingest orders them: by (timestamp, item key in natural
-    order). Rows with a missing value or an item outside the trained catalogue are skipped,
-    users left without a known item too; all are counted."""
+    order). Rows with a missing value, exact repeats of a row and items outside the trained
+    catalogue are skipped, users left without a known item too; all are counted."""
     frame = read_table(path)
     require_columns(frame, list(HISTORY_COLUMNS), path)
     frame = pl.DataFrame(
