@@ -129,10 +129,15 @@ def main() -> None:
         "embedded": embedded(rng, args.block),
         "large": large(rng, args.items, args.users, args.block, args.nlist, args.nprobe, args.ef_search, args.hnsw_m, args.ef_construction),
     }
+    write_result(result, load_at_start, args.out)
+
+
+def write_result(result: dict, load_at_start: float, out: str) -> None:
+    """Add this process's peak memory and the load average (start, end) to result["machine"], write it."""
     result["machine"]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result["machine"]["load_average_at_start_and_end"] = [load_at_start, round(os.getloadavg()[0], 2)]  # > cpus: shared, slower
-    write_json(result, args.out)
-    print(f"wrote {args.out}")
+    write_json(result, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 # Every top-level section a params file may hold: one per stage, plus `runs` (the train/score/
 # evaluate matrix that dvc.yaml reads). Anything else is most likely a misspelling (`trian:`)
 # whose values would otherwise be ignored without a word.
-SECTIONS = ("ingest", "text_features", "image_features", "runs", "train", "score", "evaluate", "report")
+SECTIONS = ("ingest", "text_features", "image_features", "runs", "train", "score", "evaluate", "report", "recommend")
 
 # YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string; users write numbers that way.
 _SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")

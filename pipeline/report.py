@@ -227,8 +227,19 @@ def recommendations_html(
         top = candidates.column("items")[position[user]].as_py()[: config.top_n]
         key = sequences.column("user_key")[row].as_py()
         shown.append((key, users.histories[row][-config.history_shown :].tolist(), top, int(users.targets[row])))
+    title = f"Recommendations of {escape(config.showcase_run)}"
+    intro = (
+        f"Test split. Each user's recent history (the model's input; history items are never recommended), "
+        f"the top {config.top_n} over the whole catalogue, and the item the user really watched next, framed green "
+        f"where it was recommended. Users are evenly spread over the user list, not picked."
+    )
+    return poster_page(shown, items, images_path, config, title, intro)
 
-    needed = sorted({i for _, history, top, target in shown for i in history + top + [target]})
+
+def poster_page(shown: list[tuple], items: pa.Table, images_path: Path, config: ReportConfig, title: str, intro: str) -> str:
+    """The page: per (user key, recent history, top N, held-out item or None) a section of
+    poster thumbnails with titles; ``title`` and ``intro`` are HTML already."""
+    needed = sorted({i for _, history, top, target in shown for i in history + top + [target] if i is not None})
     titles = dict(zip(items.column("item_idx").to_pylist(), items.column("title").to_pylist()))
     images = pq.read_table(images_path, columns=["item_idx", "image"], filters=[("item_idx", "in", needed)])
     image_bytes = dict(zip(images.column("item_idx").to_pylist(), images.column("image").to_pylist()))
@@ -249,19 +260,13 @@ def recommendations_html(
         hit = target in top
         verdict = f"held-out item at rank {top.index(target) + 1}" if hit else f"held-out item not in the top {config.top_n}"
         sections.append(
-            f"<section><h2>User {escape(key)} <small>({verdict})</small></h2>"
+            f"<section><h2>User {escape(key)}" + (f" <small>({verdict})</small>" if target is not None else "") + "</h2>"
             + row("Recent history, oldest first", [card(i) for i in history])
-            + row(f"Top {config.top_n} recommendations", [card(i, f"{rank}. ", i == target) for rank, i in enumerate(top, 1)])
-            + row("Held-out next item", [card(target, "", hit)])
+            + row(f"Top {len(top)} recommendations", [card(i, f"{rank}. ", i == target) for rank, i in enumerate(top, 1)])
+            + (row("Held-out next item", [card(target, "", hit)]) if target is not None else "")
             + "</section>"
         )
     style = STYLE.replace("WIDTH", str(config.thumb_height * 2 // 3)).replace("HEIGHT", str(config.thumb_height))
-    title = f"Recommendations of {escape(config.showcase_run)}"
-    intro = (
-        f"Test split. Each user's recent history (the model's input; history items are never recommended), "
-        f"the top {config.top_n} over the whole catalogue, and the item the user really watched next, framed green "
-        f"where it was recommended. Users are evenly spread over the user list, not picked."
-    )
     return (
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>\n'
         f"<body><h1>{title}</h1><p>{intro}</p>\n" + "\n".join(sections) + "\n</body></html>\n"

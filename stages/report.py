@@ -3,8 +3,9 @@
     python stages/report.py [--params params.yaml]
 
 Reads every metrics/*.json and, for the picture, data/candidates/{report.showcase_run}/test.parquet
-with data/ingest/{sequences,items,images}.parquet; writes reports/report.md and
-reports/recommendations.html (self-contained).
+with data/ingest/{sequences,items,images}.parquet; writes reports/report.md,
+reports/recommendations.html (self-contained) and reports/charts/*.png (training curves from
+logs/{run}/, metrics at K from plots/at_k/), embedded in report.md.
 """
 
 from _common import stage_args
@@ -13,15 +14,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.charts import charts_markdown, report_charts
 from pipeline.config import load_section
 from pipeline.io import atomic_path
-from pipeline.report import ReportConfig, load_runs, markdown_report, recommendations_html
+from pipeline.report import ReportConfig, group_by_variant, load_runs, markdown_report, recommendations_html
 
 args = stage_args(__doc__)
 config = load_section(ReportConfig, "report", args.params)
 ingest = Path("data/ingest")
+runs = load_runs(Path("metrics"))
+charts = report_charts(runs, Path("plots/at_k"), Path("logs"), Path("reports/charts"), list(group_by_variant(runs, config)))
 pages = {
-    "reports/report.md": markdown_report(load_runs(Path("metrics")), config),
+    "reports/report.md": markdown_report(runs, config) + charts_markdown(charts, "charts"),
     "reports/recommendations.html": recommendations_html(
         pq.read_table(Path("data/candidates") / config.showcase_run / "test.parquet"),
         pq.read_table(ingest / "sequences.parquet"),

@@ -3,16 +3,14 @@ tree, on a small slice of the embedded dataset pulled from the team DVC remote."
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.project import ROOT, make_project, run
+
 STORE = ROOT.parent / "shared" / "dvc-store"
 
 # Small but real: 40 users of MovieLens, the real offline encoders, short training.
@@ -22,37 +20,14 @@ SLICE = {
 }
 
 
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
-def deep_update(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        base[key] = deep_update(base.get(key, {}), value) if isinstance(value, dict) else value
-    return base
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     if not STORE.is_dir():
         pytest.skip(f"team DVC remote not found at {STORE}")
     repo = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for name in files.stdout.splitlines():
-        src = ROOT / name
-        if src.is_file() and not name.startswith(("data/", "models/", "logs/", "metrics/", "reports/", "plots/")) and name != "dvc.lock":
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / name)
-    (repo / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    (repo / "data" / "raw").mkdir(parents=True)
     shutil.copy2(ROOT / "data" / "raw" / "movielens-100k-mm.dvc", repo / "data" / "raw")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(deep_update(params, SLICE), sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "slice"], repo)
+    make_project(repo, SLICE)
     run(["dvc", "remote", "modify", "--local", "team", "url", str(STORE)], repo)
     run(["dvc", "pull", "-q", "data/raw/movielens-100k-mm.dvc"], repo)
     return repo

@@ -1,0 +1,72 @@
+"""Recommend from an export alone: what a service needs is torch, faiss and pyarrow, and no
+code of this repository.
+
+    python examples/score_from_export.py exports/odmt-s1 histories.json [--k 10] [--keep-history]
+
+histories.json: {"user key": ["item key", ... oldest first], ...} in the source's keys.
+Prints {"user key": [["item key", score], ... best first], ...} as JSON. Item keys the export
+does not know are skipped (and counted on stderr); a user with none left gets an empty list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+
+class Export:
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        items = pq.read_table(folder / "items.parquet", columns=["item_idx", "item_key"])
+        metadata = pq.read_schema(folder / "items.parquet").metadata
+        self.max_len = int(json.loads(metadata[b"max_len"]))
+        self.keys = ["", *items.column("item_key").to_pylist()]  # position = item_idx; 0 = padding
+        self.index_of = {key: idx for idx, key in enumerate(self.keys) if idx}
+        self.index = faiss.read_index(str(folder / "index.faiss"))  # row r = item_idx r + 1
+        self.encoder = torch.export.load(folder / "user_encoder.pt2").module()
+
+    def recommend(self, histories: dict[str, list[str]], k: int, exclude_history: bool = True) -> tuple[dict, int]:
+        """Top k (item key, score) per user, and the number of unknown item keys skipped."""
+        known = {user: [self.index_of[i] for i in items if i in self.index_of] for user, items in histories.items()}
+        skipped = sum(len(items) for items in histories.values()) - sum(len(items) for items in known.values())
+        users = [user for user, items in known.items() if items]
+        inputs = np.zeros((len(users), self.max_len), dtype=np.int64)  # left-padded, last max_len items
+        for row, user in enumerate(users):
+            tail = known[user][-self.max_len :]
+            inputs[row, self.max_len - len(tail) :] = tail
+        out = {user: [] for user in histories}
+        if not users:
+            return out, skipped
+        with torch.no_grad():
+            queries = self.encoder(torch.from_numpy(inputs)).numpy()
+        longest = max(len(known[u]) for u in users) if exclude_history else 0
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k + longest, self.index.ntotal))
+        for user, user_scores, user_rows in zip(users, scores, rows):
+            seen = set(known[user]) if exclude_history else set()
+            best = [(int(r) + 1, float(s)) for r, s in zip(user_rows, user_scores) if r >= 0 and int(r) + 1 not in seen]
+            out[user] = [(self.keys[item], score) for item, score in best[:k]]
+        return out, skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", help="an export folder, e.g. exports/odmt-s1")
+    parser.add_argument("histories", help="JSON file: user key -> item keys, oldest first")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--keep-history", action="store_true", help="allow items already in the history")
+    args = parser.parse_args()
+    histories = json.loads(Path(args.histories).read_text())
+    recommendations, skipped = Export(args.export).recommend(histories, args.k, not args.keep_history)
+    print(f"{len(histories)} users, {skipped} unknown item keys skipped", file=sys.stderr)
+    json.dump(recommendations, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
