@@ -47,7 +47,7 @@ WARMUP_STEPS = 2  # untimed: the first steps load kernels and size the allocator
 
 
 def measure(cfg: TrainConfig, steps: int) -> dict:
-    env, data, model, optimizer, scaler, use_amp = set_up(cfg)
+    env, data, model, optimizer, scaler, use_amp, _ = set_up(cfg)
     log_p = log_popularity(data.train_counts).to(env.device)
     batches = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1)
     batches = [batches[i % len(batches)] for i in range(steps + WARMUP_STEPS)]

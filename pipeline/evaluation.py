@@ -16,13 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io import read_json
-from pipeline.metrics import summarize
+from pipeline.metrics import ExcludeHistory, summarize
 from pipeline.scoring import SPLITS, SplitUsers, candidate_columns, split_users
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cutoffs in the metrics file
+    # History items never ranked, for model selection (train), candidates (score) and metrics
+    # alike: all (the reference) | all_but_target (a repeated target stays rankable).
+    exclude_history: ExcludeHistory = "all"
 
     def validate(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -60,6 +63,11 @@ def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConf
     metrics-against-K rows (fused ranking, every cutoff 1..K) for dvc plots."""
     scoring = read_json(candidates_dir / "scoring.json")
     k = scoring["k"]
+    if scoring.get("exclude_history") != config.exclude_history:
+        raise ValueError(
+            f"{candidates_dir} was scored with exclude_history {scoring.get('exclude_history')!r}, evaluate.exclude_history "
+            f"is {config.exclude_history!r}: re-run the score stage for this run"
+        )
     if max(config.ks) > k:
         raise ValueError(
             f"evaluate.ks goes up to {max(config.ks)} but {candidates_dir} holds only the top {k} (score.k): "
@@ -67,10 +75,10 @@ def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConf
         )
     result: dict = {}
     curve = [{"k": cutoff} for cutoff in range(1, k + 1)]
-    users_per_split, unreachable = {}, {}
+    users_per_split, in_history = {}, {}
     for split in SPLITS:
         path = candidates_dir / f"{split}.parquet"
-        users = split_users(sequences, split)
+        users = split_users(sequences, split, config.exclude_history)
         candidates = pq.read_table(path)
         result[split] = {}
         for ranking in scoring["rankings"]:
@@ -81,25 +89,28 @@ def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConf
                     for name, value in summarize(ranks, (row["k"],)).items():
                         row[f"{split}_{name.split('@')[0]}"] = value
         users_per_split[split] = len(users)
-        # A target inside its own history is excluded like the rest: it can never be hit.
-        unreachable[split] = int(sum(t in h for t, h in zip(users.targets, users.histories)))
+        # Repeat consumption: under exclude_history "all" these targets can never be hit.
+        in_history[split] = users.targets_in_history()
     result["protocol"] = {
         "split": "leave-one-out (valid: history = train items, target = valid item; "
         "test: history = train + valid items, target = test item)",
         "full_ranking": True,
         "items": scoring["items"],
-        "history_excluded": scoring["history_excluded"],
+        "exclude_history": config.exclude_history,
         "model_input": f"last {scoring['max_len']} history items",
         "candidates_k": k,
         "ks": list(config.ks),
         "users": users_per_split,
-        "targets_in_history": unreachable,
+        "targets_in_history": in_history,
         "index": scoring["index"]["type"],
         "metric_scale": "fraction of users (0..1)",
     }
     recall = {split: s[f"recall@{k}"] for split, s in scoring["splits"].items() if f"recall@{k}" in s}
     if recall:
         result["protocol"][f"index_recall@{k}"] = recall
-    result["run"] = scoring["run"] | {"rankings": scoring["rankings"]}
+    run = dict(scoring["run"])
+    if "sources" in run:  # the item sources the model used, and the share of catalogue items having each
+        result["protocol"]["sources"] = run.pop("sources")
+    result["run"] = run | {"rankings": scoring["rankings"]}
     return result, curve
 

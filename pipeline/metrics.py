@@ -7,26 +7,41 @@ users; reports multiply by 100 for percent.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
+# Which history items are never ranked (the one protocol of model selection and of the reported
+# metrics): "all" = every item of the user's history, a repeated target included, so such a
+# target cannot be hit (the reference code, odmt.md section 8); "all_but_target" = the history
+# except the target, so a repeated item stays rankable (common in repeat-aware papers).
+ExcludeHistory = Literal["all", "all_but_target"]
 
-def full_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+
+def excluded_items(history: np.ndarray, target: int, how: ExcludeHistory) -> np.ndarray:
+    """The items of ``history`` that a user's ranking leaves out, under the protocol ``how``."""
+    if how == "all":
+        return history
+    if how == "all_but_target":
+        return history[history != target]
+    raise ValueError(f"unknown exclude_history {how!r} (expected all or all_but_target)")
+
+
+def full_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """Exact rank of each target among ALL items, from full scores.
 
     scores: (U, N+1) float, column 0 = padding item; targets: (U,) item indices 1..N;
-    history: (U, H) item indices to exclude (0 = padding, ignored). Padding and history items
-    are excluded; the target itself never is. Rank = number of eligible items scoring at least
-    as high as the target (the target included): ties count against the target, so a model
-    that scores everything equal gets the worst rank, never the best.
+    excluded: (U, H) item indices never ranked (excluded_items; 0 = padding, ignored). A target
+    among them cannot be hit: rank inf, as when it is missing from a candidate list. Otherwise
+    rank = number of ranked items scoring at least as high as the target (the target included):
+    ties count against the target, so a model that scores everything equal gets the worst rank.
     """
-    scores = scores.float()
-    targets = targets.long()[:, None]
-    target_scores = scores.gather(1, targets)
-    scores = scores.scatter(1, history.long(), float("-inf"))
+    scores = scores.float().scatter(1, excluded.long(), float("-inf"))
     scores[:, 0] = float("-inf")
-    scores = scores.scatter(1, targets, target_scores)
-    return (scores >= target_scores).sum(1)
+    target_scores = scores.gather(1, targets.long()[:, None])
+    ranks = (scores >= target_scores).sum(1).float()
+    return torch.where(torch.isneginf(target_scores[:, 0]), float("inf"), ranks)
 
 
 def hit_rate(ranks, k: int) -> float:

@@ -139,7 +139,9 @@ def protocol_lines(runs: list[dict], config: ReportConfig) -> list[str]:
     reference = next((r for r in runs if r["run"]["variant"] == config.proposed), runs[0])
     p = reference["protocol"]
     users = p["users"]["test"]
-    history = "items already in the history excluded" if p["history_excluded"] else "history NOT excluded"
+    history = {"all": "every history item excluded", "all_but_target": "history items excluded except a repeated target"}.get(
+        p.get("exclude_history"), "history NOT excluded"
+    )
     lines = [
         f"Protocol: {p['split']}; full ranking over all {p['items']} items, {history}; {users} test users, "
         f"{p['users']['valid']} validation users; index `{p['index']}`; model input: {p['model_input']}."
@@ -148,12 +150,28 @@ def protocol_lines(runs: list[dict], config: ReportConfig) -> list[str]:
         hr = reference["test"]["fused"]["hr@10"]
         error = 100 * math.sqrt(hr * (1 - hr) / users)
         lines.append(f"Noise floor: with {users} users one run's test HR@10 has a standard error of about {error:.2f} points.")
+    lines += source_lines(runs)
     for run in runs:
-        # The cutoffs listed may differ between runs without changing any number.
-        differing = sorted(k for k in set(p) | set(run["protocol"]) if k != "ks" and p.get(k) != run["protocol"].get(k))
+        # The cutoffs listed may differ between runs without changing any number, and each
+        # variant reads its own sources.
+        differing = sorted(k for k in set(p) | set(run["protocol"]) if k not in ("ks", "sources") and p.get(k) != run["protocol"].get(k))
         if differing:
             lines.append(f"**Warning**: run {run['run']['run']} differs in protocol ({', '.join(differing)}): not comparable.")
     return lines
+
+
+def source_lines(runs: list[dict]) -> list[str]:
+    """Which item sources each variant used, and the share of catalogue items having each."""
+    used: dict[str, dict] = {}
+    for run in runs:
+        if "sources" in run["protocol"]:
+            used.setdefault(run["run"]["variant"], run["protocol"]["sources"])
+    if not used:
+        return []
+    present = next(iter(used.values()))["present"]
+    coverage = ", ".join(f"{name} {100 * present[name]:.1f}%" for name in ("id", "text", "image") if name in present)
+    by_variant = "; ".join(f"{variant}: {', '.join(s['used'])}" for variant, s in used.items())
+    return [f"Item sources used: {by_variant} (share of catalogue items having each: {coverage})."]
 
 
 def table_row(cells: list[str]) -> str:

@@ -7,8 +7,9 @@ exactly as the model does. Per-branch rankings search the branch's column slice.
 are there for big catalogues; they may miss items, so scoring with them also measures their
 recall@K against exact search, and reported metrics use the exact index.
 
-History exclusion: FAISS cannot filter per query, so each query fetches K + (longest history
-in its block) results and drops its own history; at least K unseen items survive whenever the
+History exclusion (`evaluate.exclude_history`, pipeline/metrics.py: every history item, or all
+but a repeated target): FAISS cannot filter per query, so each query fetches K + (longest
+excluded list in its block) results and drops its own excluded items; at least K unseen items survive whenever the
 catalogue has them. Padding (item 0) is never added to the index, so it is never returned.
 Users are scored in blocks of ``user_block_size``: memory grows with the block, not with
 users x items.
@@ -30,6 +31,7 @@ import torch
 
 from pipeline.config import to_dict
 from pipeline.io import parquet_writer, write_json
+from pipeline.metrics import ExcludeHistory, excluded_items
 from pipeline.models.base import SequentialRecommender
 from pipeline.progress import Progress, log
 
@@ -89,21 +91,27 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class SplitUsers:
-    """The evaluation protocol of one split: every user's history (model input and excluded
-    items alike) and the item to predict."""
+    """The evaluation protocol of one split: every user's history (the model input), the item to
+    predict and the items left out of the user's ranking."""
 
     split: str
     user_idx: np.ndarray  # (U,) int32
-    histories: list[np.ndarray]  # per user, oldest first; never recommended
+    histories: list[np.ndarray]  # per user, oldest first
     targets: np.ndarray  # (U,) int32
+    excluded: list[np.ndarray]  # per user: never ranked (the history, under exclude_history)
 
     def __len__(self) -> int:
         return len(self.user_idx)
 
+    def targets_in_history(self) -> int:
+        """Users whose target is also in their history (repeat consumption)."""
+        return int(sum(t in h for t, h in zip(self.targets, self.histories)))
 
-def split_users(sequences: pa.Table, split: str) -> SplitUsers:
+
+def split_users(sequences: pa.Table, split: str, exclude_history: ExcludeHistory = "all") -> SplitUsers:
     """valid: history = train_items, target = valid_item; test: history = train_items +
-    valid_item, target = test_item (leave-one-out, see pipeline/schema.py SEQUENCES)."""
+    valid_item, target = test_item (leave-one-out, see pipeline/schema.py SEQUENCES); the
+    excluded items by pipeline.metrics.excluded_items."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
     train = [np.asarray(t, dtype=np.int32) for t in sequences.column("train_items").to_pylist()]
@@ -113,7 +121,8 @@ def split_users(sequences: pa.Table, split: str) -> SplitUsers:
     else:
         histories = [np.append(t, v).astype(np.int32) for t, v in zip(train, valid)]
         targets = sequences.column("test_item").to_numpy().astype(np.int32)
-    return SplitUsers(split, sequences.column("user_idx").to_numpy().astype(np.int32), histories, targets)
+    excluded = [excluded_items(h, t, exclude_history) for h, t in zip(histories, targets)]
+    return SplitUsers(split, sequences.column("user_idx").to_numpy().astype(np.int32), histories, targets, excluded)
 
 
 def left_pad(histories: list[np.ndarray], max_len: int) -> torch.Tensor:
@@ -274,7 +283,7 @@ def score_split(
     users, longest history and, for an approximate index, recall@K per ranking."""
     columns = ranking_columns(model)
     longest = max((len(h) for h in users.histories), default=0)
-    if indexes.gpu and config.k + longest > GPU_MAX_K:
+    if indexes.gpu and config.k + max((len(e) for e in users.excluded), default=0) > GPU_MAX_K:
         raise ValueError(
             f"score.k ({config.k}) + longest history ({longest}) exceeds the FAISS GPU limit of {GPU_MAX_K} results "
             "per query: lower score.k or set score.device: cpu"
@@ -284,14 +293,14 @@ def score_split(
     with parquet_writer(path, candidates_schema(list(columns)), metadata) as writer:
         for start in range(0, len(users), config.user_block_size):
             block = slice(start, start + config.user_block_size)
-            histories = users.histories[block]
+            histories, excluded = users.histories[block], users.excluded[block]
             vectors = user_matrix(model, histories, max_len)
             rows = {"user_idx": pa.array(users.user_idx[block], pa.int32())}
             for name, (cols, factor) in columns.items():
                 queries = vectors[:, cols] * np.float32(factor)
-                items, scores = search_unseen(indexes.searched[name], queries, histories, config.k)
+                items, scores = search_unseen(indexes.searched[name], queries, excluded, config.k)
                 if indexes.exact is not None:
-                    exact_items, _ = search_unseen(indexes.exact[name], queries, histories, config.k)
+                    exact_items, _ = search_unseen(indexes.exact[name], queries, excluded, config.k)
                     recall_hits[name] += recall_against(items, exact_items) * len(items)
                 items_col, scores_col = candidate_columns(name)
                 rows[items_col], rows[scores_col] = _ragged(items, scores)
@@ -316,7 +325,13 @@ def _ragged(items: np.ndarray, scores: np.ndarray) -> tuple[pa.ListArray, pa.Lis
 
 
 def score_run(
-    model: SequentialRecommender, max_len: int, sequences: pa.Table, config: ScoreConfig, out_dir: Path, provenance: dict
+    model: SequentialRecommender,
+    max_len: int,
+    sequences: pa.Table,
+    config: ScoreConfig,
+    out_dir: Path,
+    provenance: dict,
+    exclude_history: ExcludeHistory = "all",
 ) -> dict:
     """Candidates of every split into ``out_dir``/{valid,test}.parquet, and
     ``out_dir``/scoring.json: the settings and recall figures the evaluation records."""
@@ -329,13 +344,13 @@ def score_run(
         "items": indexes.searched["fused"].ntotal,
         "index": to_dict(config.index),
         "rankings": list(ranking_columns(model)),
-        "history_excluded": True,
+        "exclude_history": exclude_history,
         "max_len": max_len,
         "splits": {},
     }
     for split in SPLITS:
-        users = split_users(sequences, split)
-        metadata = {**provenance, "split": split, **{key: summary[key] for key in ("k", "index", "max_len", "history_excluded")}}
+        users = split_users(sequences, split, exclude_history)
+        metadata = {**provenance, "split": split, **{key: summary[key] for key in ("k", "index", "max_len", "exclude_history")}}
         summary["splits"][split] = score_split(model, users, max_len, indexes, config, out_dir / f"{split}.parquet", metadata)
     write_json(summary, out_dir / "scoring.json")
     return summary

@@ -2,7 +2,8 @@
 
     python stages/score.py --run odmt-s1 [--params params.yaml]
 
-Reads models/{run}/model.pt and data/ingest/sequences.parquet; writes
+Reads models/{run}/model.pt, data/ingest/sequences.parquet and `evaluate.exclude_history` (which
+history items are never ranked); writes
 data/candidates/{run}/{valid,test}.parquet (each user's top-K unseen items, fused and per
 branch) and data/candidates/{run}/scoring.json (settings, and recall@K for an approximate index).
 """
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import load_section
+from pipeline.evaluation import EvaluateConfig
 from pipeline.scoring import ScoreConfig, score_run
 from pipeline.training import load_trained
 
@@ -22,6 +24,9 @@ args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help
 config = load_section(ScoreConfig, "score", args.params)
 device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
 model, info = load_trained(Path("models") / args.run, device=device)
+exclude_history = load_section(EvaluateConfig, "evaluate", args.params).exclude_history
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
+if "sources" in info:
+    provenance["sources"] = {"used": info["sources"], "present": info["source_present"]}
 sequences = pq.read_table("data/ingest/sequences.parquet")
-score_run(model, info["max_len"], sequences, config, Path("data/candidates") / args.run, provenance)
+score_run(model, info["max_len"], sequences, config, Path("data/candidates") / args.run, provenance, exclude_history)

@@ -3,7 +3,8 @@
     python stages/train.py --variant odmt --seed 1 [--params params.yaml]
     torchrun --nproc_per_node 2 stages/train.py --variant odmt --seed 1   # DDP
 
-Reads the `train` section of the params file; writes models/{variant}-s{seed}/model.pt (+
+Reads the `train` section of the params file and `evaluate.exclude_history` (the ranking
+protocol that picks the best epoch, the one the evaluate stage reports); writes models/{variant}-s{seed}/model.pt (+
 checkpoint.pt, from which a killed run resumes) and dvclive output in logs/{variant}-s{seed}/.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_section  # noqa: E402
+from pipeline.evaluation import EvaluateConfig  # noqa: E402
 from pipeline.models.odmt import VARIANTS  # noqa: E402
 from pipeline.progress import setup_logging  # noqa: E402
 from pipeline.training import TrainConfig  # noqa: E402
@@ -37,8 +39,9 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant=args.variant))
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
+    exclude_history = load_section(EvaluateConfig, "evaluate", args.params).exclude_history
     run = f"{cfg.model.variant}-s{cfg.seed}"
-    train(cfg, Path(args.models) / run, Path(args.logs) / run)
+    train(cfg, Path(args.models) / run, Path(args.logs) / run, exclude_history)
 
 
 if __name__ == "__main__":

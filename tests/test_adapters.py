@@ -99,6 +99,16 @@ def test_generic_csv_iso_times_images_and_counts(tmp_path):
     assert raw.interactions.filter(pl.col("user_key") == "u1")["timestamp"][0] == unix("2020-01-01")
 
 
+def test_generic_titles_only_the_text_is_the_title(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    write_generic(root)
+    raw = read_generic(root, replace(GENERIC, text_columns=(), image_column=None, image_dir=None))
+    items = {row["item_key"]: row for row in ingest(raw, SplitRules()).items.iter_rows(named=True)}
+    assert all(row["text"] == "" for row in items.values()) and items["i2"]["title"] == "Two"
+    assert not any(row["has_image"] for row in items.values())
+
+
 def test_generic_parquet_integer_ids_and_unix_seconds(tmp_path):
     pl.DataFrame({"user_id": [7] * 5, "item_id": [10, 2, 3, 4, 5], "timestamp": [50, 40, 30, 20, 10]}).write_parquet(tmp_path / "i.parquet")
     pl.DataFrame({"item_id": [2, 3, 4, 5, 10], "title": list("abcde"), "description": list("vwxyz")}).write_parquet(tmp_path / "m.parquet")

@@ -26,20 +26,20 @@ def ranked_list(target: int, rank: int | None) -> list[int]:
     return items
 
 
-def sequences() -> pa.Table:
+def sequences(train_items=([1, 2], [3], [4, 5, 6], [7]), valid_items=None) -> pa.Table:
     targets = list(TARGET_RANKS)
     return pa.table(
         {
             "user_idx": [0, 1, 2, 3],
             "user_key": ["a", "b", "c", "d"],
-            "train_items": [[1, 2], [3], [4, 5, 6], [7]],
-            "valid_item": [t + 50 for t in targets],
+            "train_items": list(train_items),
+            "valid_item": valid_items or [t + 50 for t in targets],
             "test_item": targets,
         }
     ).cast(schema.SEQUENCES)
 
 
-def write_candidates(root, rankings=("fused", "id")) -> None:
+def write_candidates(root, rankings=("fused", "id"), exclude_history="all") -> None:
     """Valid: every target missed. Test: the ranks above in every ranking, except branch 'id'
     which puts every target first. Rows deliberately not in user order."""
     order = [2, 0, 3, 1]
@@ -64,7 +64,7 @@ def write_candidates(root, rankings=("fused", "id")) -> None:
             "items": 5000,
             "index": {"type": "flat"},
             "rankings": list(rankings),
-            "history_excluded": True,
+            "exclude_history": exclude_history,
             "max_len": 13,
             "splits": {"valid": {"users": 4}, "test": {"users": 4}},
         },
@@ -98,21 +98,34 @@ def test_metrics_match_hand_computed_values(tmp_path):
     assert curve[9]["test_ndcg"] == test["ndcg@10"] and curve[0]["valid_mrr"] == 0.0
 
 
-def test_metrics_file_records_the_protocol_and_the_run(tmp_path):
-    write_candidates(tmp_path)
-    metrics, _ = evaluate_run(tmp_path, sequences(), EvaluateConfig(ks=[10]))
+@pytest.mark.parametrize("exclude", ["all", "all_but_target"])
+def test_metrics_file_records_the_protocol_and_the_run(tmp_path, exclude):
+    # repeat consumption: user 1's test target 101 and user 2's validation target 5 are in their histories
+    train_items = ([1, 2], [3, 101], [4, 5, 6], [7])
+    valid_items = [150, 151, 5, 153]
+    table = sequences(train_items, valid_items)
+    write_candidates(tmp_path, exclude_history=exclude)
+    metrics, _ = evaluate_run(tmp_path, table, EvaluateConfig(ks=[10], exclude_history=exclude))
     protocol = metrics["protocol"]
-    assert protocol["full_ranking"] is True and protocol["history_excluded"] is True
+    test_histories = [h + [v] for h, v in zip(train_items, valid_items)]
+    expected_in_history = {
+        "valid": sum(v in h for v, h in zip(valid_items, train_items)),
+        "test": sum(t in h for t, h in zip(TARGET_RANKS, test_histories)),
+    }
+    assert expected_in_history == {"valid": 1, "test": 1}
+    assert protocol["targets_in_history"] == expected_in_history
+    assert protocol["full_ranking"] is True and protocol["exclude_history"] == exclude
     assert protocol["items"] == 5000 and protocol["candidates_k"] == K and protocol["ks"] == [10]
-    assert protocol["users"] == {"valid": 4, "test": 4}
-    assert protocol["targets_in_history"] == {"valid": 0, "test": 0}
+    assert protocol["users"] == {"valid": table.num_rows, "test": table.num_rows}
     assert protocol["index"] == "flat" and "leave-one-out" in protocol["split"]
     assert metrics["run"] == {"run": "odmt-s1", "variant": "odmt", "seed": 1, "rankings": ["fused", "id"]}
     assert set(metrics["test"]["fused"]) == {"hr@10", "ndcg@10", "mrr@10"}
 
 
-def test_cutoff_beyond_the_candidates_and_missing_users_are_refused(tmp_path):
+def test_cutoff_beyond_the_candidates_missing_users_and_another_exclusion_are_refused(tmp_path):
     write_candidates(tmp_path)
+    with pytest.raises(ValueError, match="scored with exclude_history 'all'"):
+        evaluate_run(tmp_path, sequences(), EvaluateConfig(exclude_history="all_but_target"))
     with pytest.raises(ValueError, match="score.k"):
         evaluate_run(tmp_path, sequences(), EvaluateConfig(ks=[10, 50]))
     fewer_users = sequences().slice(0, 3)

@@ -60,11 +60,11 @@ def test_id_token_reaches_only_the_id_output(id_aware):
     mask = torch.tensor([[True, True, True, False]] * 3)
     before = imt(text, mask, image, ident)
     after = imt(text, mask, image, ident + 1.0)
-    assert not torch.allclose(before[2], after[2])  # the ID output changes
+    assert not torch.allclose(before["id"], after["id"])  # the ID output changes
     if id_aware:
-        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+        assert torch.equal(before["text"], after["text"]) and torch.equal(before["image"], after["image"])
     else:  # full attention (the ablation): the ID leaks into the content outputs
-        assert not torch.allclose(before[0], after[0])
+        assert not torch.allclose(before["text"], after["text"])
 
 
 def test_padded_text_token_changes_nothing():
@@ -74,11 +74,11 @@ def test_padded_text_token_changes_nothing():
     mask = torch.tensor([[True, True, False, False]] * 2)
     changed = text.clone()
     changed[:, 2:] += 5.0
-    for a, b in zip(imt(text, mask, image, ident), imt(changed, mask, image, ident)):
-        assert torch.equal(a, b)
+    before, after = imt(text, mask, image, ident), imt(changed, mask, image, ident)
+    assert all(torch.equal(before[k], after[k]) for k in ("text", "image", "id"))
     real_changed = text.clone()
     real_changed[:, 1] += 5.0  # a real token does matter
-    assert not torch.allclose(imt(text, mask, image, ident)[0], imt(real_changed, mask, image, ident)[0])
+    assert not torch.allclose(before["text"], imt(real_changed, mask, image, ident)["text"])
 
 
 def test_padded_text_features_change_nothing_through_the_model():
@@ -104,15 +104,20 @@ def test_fused_score_is_one_inner_product(variant):
     assert torch.allclose(m.user_vectors(sequences[:1, 2:]), users[:1], atol=1e-6)
 
 
-def test_item_encoder_runs_once_per_distinct_item():
-    m = model().train()
+@pytest.mark.parametrize("per_slot", [True, False])
+def test_item_dropout_per_slot_or_per_distinct_item(per_slot):
+    m = model(dropout_per_slot=per_slot).train()
     seen = []
     m.items.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
     slots = torch.tensor([[0, 1, 2, 3, 2], [4, 1, 1, 2, 5]])
     states, vectors = m(slots)
-    assert seen == [6]  # items 0..5, not 10 slots
     assert states.shape == (3, 2, 4, WIDTH) and vectors.shape == (3, 2, 5, WIDTH)
-    assert torch.equal(vectors[:, 0, 1], vectors[:, 1, 1])  # the same item gets the same vector
+    # per slot (the reference): 10 slots, each its own dropout mask; else items 0..5 once each
+    assert seen == ([10] if per_slot else [6])
+    assert torch.equal(vectors[:, 0, 1], vectors[:, 1, 1]) != per_slot
+    m.eval()  # no dropout: the same item has the same vector either way
+    _, vectors = m(slots)
+    assert torch.equal(vectors[:, 0, 1], vectors[:, 1, 1])
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])
@@ -128,24 +133,111 @@ def test_backbones_are_causal(backbone):
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6) and not torch.allclose(a[:, 4:], b[:, 4:])
 
 
-def test_sasrec_ignores_padding_keys():
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])
+def test_states_do_not_depend_on_the_padding_before_a_sequence(backbone):
     torch.manual_seed(0)
-    encoder = build_backbone("sasrec", WIDTH, max_len=4, layers=2, heads=2, dropout=0.0).eval()
-    x = torch.randn(1, 4, WIDTH)
-    real = torch.tensor([[False, False, True, True]])
-    changed = x.clone()
-    changed[:, :2] = torch.randn(1, 2, WIDTH)
-    assert torch.allclose(encoder(x, real)[:, 2:], encoder(changed, real)[:, 2:], atol=1e-6)
+    encoder = build_backbone(backbone, WIDTH, max_len=8, layers=2, heads=2, dropout=0.0).eval()
+    history = torch.randn(1, 3, WIDTH)
+    states = []
+    for padding in (0, 2, 5):  # the same three items after 0, 2 and 5 padded slots
+        x = torch.cat([torch.zeros(1, padding, WIDTH), history], dim=1)
+        real = torch.cat([torch.zeros(1, padding, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool)], dim=1)
+        states.append(encoder(x, real)[:, -3:])
+        garbage = x.clone()
+        garbage[:, :padding] = torch.randn(1, padding, WIDTH)  # whatever sits in the padded slots
+        assert torch.allclose(encoder(garbage, real)[:, -3:], states[-1], atol=1e-6)
+    assert torch.allclose(states[0], states[1], atol=1e-5) and torch.allclose(states[0], states[2], atol=1e-5)
+
+
+def test_the_branch_encoders_share_no_parameters():
+    m = model()
+    per_branch = [{p.data_ptr() for p in encoder.parameters()} for encoder in m.encoders]
+    assert len(per_branch) == 3 and all(per_branch)
+    assert not (per_branch[0] & per_branch[1] or per_branch[0] & per_branch[2] or per_branch[1] & per_branch[2])
+    heads = [{p.data_ptr() for p in m.items.heads[b].parameters()} for b in m.branches]
+    assert not (heads[0] & heads[1] or heads[0] & heads[2] or heads[1] & heads[2])
+
+
+# --- every deviation from the reference is a switch whose default is the reference ------------
+
+
+def test_switch_defaults_are_the_reference():
+    cfg = ModelConfig()
+    assert (cfg.id_projection, cfg.id_scale_sqrt_width, cfg.id_init_rescale, cfg.head_init_scale) == (True, False, False, 1.0)
+    assert (cfg.xavier_init, cfg.ffn_dropout, cfg.dropout_per_slot) == ("encoders", False, True)
+
+
+def test_id_projection_and_sqrt_width_scale():
+    paper, ours = model(), model(id_projection=False, id_scale_sqrt_width=True)
+    ids = torch.tensor([1, 2, 3])
+    sources = paper.items.sources
+    assert torch.allclose(sources.ident(ids), sources.id_proj(sources.id_table(ids)))  # a Linear(d, d), no scale
+    assert ours.items.sources.id_proj is None
+    assert torch.allclose(ours.items.sources.ident(ids), ours.items.sources.id_table(ids) * math.sqrt(WIDTH))
+
+
+def test_head_init_scale_multiplies_only_the_last_head_layer():
+    full, small = model().state_dict(), model(head_init_scale=0.05).state_dict()
+    scaled = {k for k in full if k.startswith("items.heads.") and k.endswith(".2.weight")}
+    assert len(scaled) == 3
+    for key in full:
+        assert torch.allclose(small[key], full[key] * 0.05) if key in scaled else torch.equal(small[key], full[key])
+
+
+def test_xavier_init_on_the_encoders_only_or_everywhere():
+    def item_biases(m):
+        return torch.cat([m.items.heads[b][0].bias for b in m.branches])
+
+    def encoder_biases(m):
+        return torch.cat([mod.bias for mod in m.encoders.modules() if isinstance(mod, torch.nn.Linear) and mod.bias is not None])
+
+    reference, everywhere = model(), model(xavier_init="all")
+    assert (encoder_biases(reference) == 0).all() and (encoder_biases(everywhere) == 0).all()  # xavier: zero biases
+    assert (item_biases(reference) != 0).all()  # PyTorch's own init outside the encoders
+    assert (item_biases(everywhere) == 0).all()
+
+
+def test_ffn_dropout_switch():
+    assert isinstance(model().items.imt.blocks[0].ffn[2], torch.nn.Identity)
+    assert isinstance(model(ffn_dropout=True).items.imt.blocks[0].ffn[2], torch.nn.Dropout)
+    assert isinstance(model(ffn_dropout=True).encoders[0].blocks[0].ffn[2], torch.nn.Dropout)
+
+
+# --- fewer sources -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["odmt", "odmt_no_imt", "early_fusion_concat"])
+def test_a_run_without_images_has_no_image_branch(variant):
+    torch.manual_seed(0)
+    m = ODMT(ModelConfig(variant=variant, width=WIDTH, max_len=5), NUM_ITEMS, features(4, 6, 1), None, sources=("id", "text")).eval()
+    assert m.items.sources.image_proj is None
+    assert m.branches == (("fused",) if variant.startswith("early") else ("id", "text"))
+    users, items = m.user_vectors(torch.tensor([[0, 1, 2, 3, 4]])), m.item_vectors()
+    assert users.shape == (1, len(m.branches) * WIDTH) and items.shape == (NUM_ITEMS + 1, len(m.branches) * WIDTH)
+    with pytest.raises(ValueError, match="train.modalities"):
+        ODMT(ModelConfig(variant="image_only", width=WIDTH, max_len=5), NUM_ITEMS, None, None, sources=("id", "text"))
+
+
+def test_imt_without_image_tokens_keeps_the_id_aware_mask():
+    allowed = imt_attention_mask(torch.tensor([[True, False]]), num_image_tokens=0, id_aware=True)[0]
+    assert torch.equal(allowed, torch.tensor([[1, 0, 0], [1, 0, 0], [1, 0, 1]], dtype=torch.bool))
+    torch.manual_seed(0)
+    imt = IDAwareMultimodalTransformer(WIDTH, layers=1, heads=2, dropout=0.0).eval()
+    text, ident = torch.randn(2, 3, WIDTH), torch.randn(2, WIDTH)
+    out = imt(text, torch.ones(2, 3, dtype=torch.bool), None, ident)
+    assert set(out) == {"text", "id"} and torch.equal(out["text"], imt(text, torch.ones(2, 3, dtype=torch.bool), None, ident + 1)["text"])
 
 
 def test_id_init_from_cls_features():
     text, image = features(4, WIDTH, 1), features(3, WIDTH, 2)
     image.present[2] = False  # item 2 has no image: only its text counts
     like = torch.randn(NUM_ITEMS + 1, WIDTH) * 0.05
-    table = initial_id_table("mean_cls", WIDTH, text, image, like)
     mean_cls = (text.tokens[:, 0].double() + image.tokens[:, 0].double()) / 2
     mean_cls[2] = text.tokens[2, 0].double()
-    ratio = table[1:].double() / mean_cls[1:]  # dims match: the mean CLS features, rescaled
+    # dims match: the mean CLS features as they are (the reference)
+    assert torch.allclose(initial_id_table("mean_cls", WIDTH, text, image, like).double(), mean_cls, atol=1e-6)
+    table = initial_id_table("mean_cls", WIDTH, text, image, like, rescale=True)
+    ratio = table[1:].double() / mean_cls[1:]  # rescaled (ours): the same directions
     assert torch.allclose(ratio, ratio[0, 0].expand_as(ratio), rtol=1e-3)
     assert torch.equal(table[0], torch.zeros(WIDTH))
     assert math.isclose(table[1:].std().item(), like[1:].std().item(), rel_tol=1e-3)

@@ -19,7 +19,7 @@ PROTOCOL = {
     "split": "leave-one-out",
     "full_ranking": True,
     "items": 1330,
-    "history_excluded": True,
+    "exclude_history": "all",
     "model_input": "last 13 history items",
     "candidates_k": 50,
     "ks": [10],
@@ -56,10 +56,10 @@ def test_table_aggregates_seeds_and_shows_relative_improvement(tmp_path):
 
 def test_variant_order_missing_variants_and_protocol_mismatch_are_reported(tmp_path):
     metrics_file(tmp_path, "odmt", 1, 0.12, 0.06)
-    metrics_file(tmp_path, "sasrec_id", 1, 0.10, 0.05, protocol=PROTOCOL | {"history_excluded": False})
+    metrics_file(tmp_path, "sasrec_id", 1, 0.10, 0.05, protocol=PROTOCOL | {"exclude_history": "all_but_target"})
     text = markdown_report(load_runs(tmp_path), ReportConfig(variants=["sasrec_id", "odmt"], metrics=["hr@10"]))
     assert text.index("| sasrec_id | 1 |") < text.index("| **odmt** | 1 |")
-    assert "**Warning**: run sasrec_id-s1 differs in protocol (history_excluded)" in text
+    assert "**Warning**: run sasrec_id-s1 differs in protocol (exclude_history)" in text
     with pytest.raises(ValueError, match="gru4rec"):
         markdown_report(load_runs(tmp_path), ReportConfig(variants=["odmt", "gru4rec"]))
     with pytest.raises(FileNotFoundError, match="evaluate stage"):

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import os
+import re
 import runpy
 import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import pyarrow.parquet as pq
 import yaml
 
-from pipeline.config import load_section
-from pipeline.metrics import full_ranks, hit_rate, mrr, ndcg, summarize
+from pipeline.config import from_dict, load_section
+from pipeline.evaluation import EvaluateConfig, evaluate_run
+from pipeline.metrics import excluded_items, full_ranks, hit_rate, mrr, ndcg, summarize
 from pipeline.models.odmt import VARIANTS, ModelConfig
+from pipeline.scoring import ScoreConfig, score_run
 from pipeline.training import TrainConfig, build_model, load_trained
 from pipeline.training.data import epoch_batches, left_pad, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
@@ -98,16 +105,45 @@ def test_soft_cross_entropy_by_hand():
     assert math.isclose(soft_cross_entropy(student, teacher, 1.0).item(), -sum(a * math.log(b) for a, b in zip(p, q)), rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("detach", [False, True])
-def test_distillation_pairs_and_teacher_gradient(detach):
+def branch_logits_for_kd(branches=("id", "text", "image")) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    logits = {b: torch.randn(3, 5, requires_grad=True) for b in ("id", "text", "image")}
-    terms = distillation_terms(logits, DistillConfig(tau=0.5, detach_teacher=detach, image_from_id=False))
-    assert sorted(terms) == ["id_from_ens", "text_from_id"]
-    terms["text_from_id"].backward()
-    assert logits["text"].grad is not None
-    assert (logits["id"].grad is None) == detach  # the teacher learns too unless detached
+    return {b: torch.randn(3, 5, requires_grad=True) for b in branches}
 
+
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize(
+    "pair, student, teachers",
+    [("text_from_id", "text", ["id"]), ("image_from_id", "image", ["id"]), ("id_from_ens", "id", ["text", "image"])],
+)
+def test_each_pair_teaches_its_student_and_the_teacher_learns_only_when_live(pair, student, teachers, detach):
+    logits = branch_logits_for_kd()
+    distillation_terms(logits, DistillConfig(tau=0.5, detach_teacher=detach))[pair].backward()
+    assert logits[student].grad is not None and logits[student].grad.abs().sum() > 0
+    for teacher in teachers:  # the teacher side: a gradient only when it is not detached
+        assert (logits[teacher].grad is None) == detach
+    untouched = set(logits) - {student, *teachers}
+    assert all(logits[b].grad is None for b in untouched)
+
+
+def test_the_id_teacher_is_the_mean_of_the_branch_logits():
+    logits = branch_logits_for_kd()
+    terms = distillation_terms(logits, DistillConfig(tau=0.7))
+    ensemble = (logits["id"] + logits["text"] + logits["image"]) / 3
+    assert torch.equal(terms["id_from_ens"], soft_cross_entropy(logits["id"], ensemble, 0.7))
+    assert torch.equal(terms["text_from_id"], soft_cross_entropy(logits["text"], logits["id"], 0.7))
+    assert torch.equal(terms["image_from_id"], soft_cross_entropy(logits["image"], logits["id"], 0.7))
+    two = distillation_terms({b: logits[b] for b in ("id", "text")}, DistillConfig(tau=0.7))  # no image branch
+    assert sorted(two) == ["id_from_ens", "text_from_id"]
+    assert torch.equal(two["id_from_ens"], soft_cross_entropy(logits["id"], (logits["id"] + logits["text"]) / 2, 0.7))
+
+
+@pytest.mark.parametrize("pair", ["text_from_id", "image_from_id", "id_from_ens"])
+def test_switching_a_pair_off_removes_exactly_that_term(pair):
+    logits = branch_logits_for_kd()
+    every = distillation_terms(logits, DistillConfig())
+    fewer = distillation_terms(logits, dataclasses.replace(DistillConfig(), **{pair: False}))
+    assert set(every) - set(fewer) == {pair}
+    assert all(torch.equal(fewer[name], every[name]) for name in fewer)
 
 
 def test_a_live_teacher_is_sharpened_onto_the_students_top_item():
@@ -128,12 +164,17 @@ def test_a_live_teacher_is_sharpened_onto_the_students_top_item():
 
 
 def test_full_ranks_exclude_history_and_padding():
-    scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 4.0], [9.0, 2.0, 2.0, 1.0, 0.0]])
-    targets = torch.tensor([3, 1])
-    history = torch.tensor([[2, 0], [0, 0]])  # user 0 has seen item 2
+    scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 4.0], [9.0, 2.0, 2.0, 1.0, 0.0], [0.0, 1.0, 5.0, 3.0, 4.0]])
+    targets = torch.tensor([3, 1, 2])
+    excluded = torch.tensor([[2, 0], [0, 0], [2, 4]])  # user 0 has seen item 2; user 2's target 2 is excluded
     # user 0: item 2 (5.0) excluded, padding excluded, item 4 (4.0) beats 3.0 -> rank 2
     # user 1: item 2 ties with the target -> counts against it -> rank 2
-    assert full_ranks(scores, targets, history).tolist() == [2, 2]
+    # user 2: the target is among the excluded items: it cannot be hit
+    assert full_ranks(scores, targets, excluded).tolist() == [2, 2, math.inf]
+    history = np.array([2, 4])
+    assert excluded_items(history, 2, "all").tolist() == [2, 4]
+    assert excluded_items(history, 2, "all_but_target").tolist() == [4]  # repeated target: rankable
+    assert full_ranks(scores[2:], targets[2:], torch.tensor([[4, 0]])).tolist() == [1]
     ranks = torch.tensor([1, 10, 11])
     assert math.isclose(hit_rate(ranks, 10), 2 / 3)
     assert math.isclose(ndcg(ranks, 10), (1 + 1 / math.log2(11)) / 3)
@@ -152,7 +193,7 @@ def test_left_pad_and_splits(tmp_path):
     # test inputs end with the validation item; validation inputs end with the last training item
     assert torch.equal(data.test.inputs[:, -1], data.valid.targets)
     assert torch.equal(data.valid.inputs[:, -1], data.train[:, -1])
-    assert (data.test.history == data.valid.targets[:, None]).any(1).all()
+    assert (data.test.excluded == data.valid.targets[:, None]).any(1).all()
 
 
 def test_epoch_batches_split_evenly_and_repeat():
@@ -186,17 +227,69 @@ def toy_config(root: Path, variant: str = "odmt", backbone: str = "sasrec", **kw
     )
 
 
+@pytest.fixture(scope="module")
+def signal(tmp_path_factory) -> Path:
+    """A catalogue large enough that random (about 23% HR@10) and popularity rankings stay far
+    below a model that has learnt the users' walks."""
+    root = tmp_path_factory.mktemp("signal")
+    return make_toy_dataset(root, num_users=64, num_items=50, seq_len=8, text_shape=(4, 16), image_shape=(3, 16))
+
+
+def baseline_hit_rates(root: Path) -> tuple[float, float]:
+    """Test HR@10 of a popularity ranking (ties broken in its favour) and of a random one."""
+    data = load_sequences(root / "ingest/sequences.parquet", root / "ingest/popularity.parquet", max_len=4)
+    counts = data.train_counts.double()[None].expand(len(data.test.targets), -1).clone()
+    counts[:, 0] = -1
+    counts = counts.scatter(1, data.test.excluded, -1.0)
+    target = counts.gather(1, data.test.targets[:, None])
+    popularity = hit_rate((counts > target).sum(1) + 1, 10)
+    eligible = data.num_items - (data.test.excluded > 0).sum(1).double()
+    return popularity, float((10 / eligible).clamp(max=1).mean())
+
+
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_variant_and_backbone_trains_and_loads(toy, tmp_path, variant, backbone):
-    _, info = train(toy_config(toy, variant, backbone), tmp_path / "run", tmp_path / "logs")
-    assert info["branches"] == list(VARIANTS[variant].branches) and info["best_epoch"] == 1
-    for split in ("valid", "test"):
-        assert 0.0 <= info[split]["fused"]["hr@10"] <= 1.0
+def test_every_variant_and_backbone_learns_the_planted_signal(signal, tmp_path, variant, backbone):
+    cfg = dataclasses.replace(toy_config(signal, variant, backbone, epochs=10, batch_size=16, lr=0.01), model=signal_model(variant, backbone))
+    _, info = train(cfg, tmp_path / "run", tmp_path / "logs")
+    popularity, random = baseline_hit_rates(signal)
+    assert max(popularity, random) < 0.3
+    assert info["test"]["fused"]["hr@10"] > max(popularity, random) + 0.15, (info["test"]["fused"], popularity, random)
     model, loaded = load_trained(tmp_path / "run")
-    assert loaded == info and not model.training
-    assert model.item_vectors().shape == (21, len(info["branches"]) * 8)
-    assert (tmp_path / "logs/metrics.json").exists() and (tmp_path / "run/checkpoint.pt").exists()
+    assert loaded == info and not model.training and info["branches"] == list(VARIANTS[variant].branches)
+    assert model.item_vectors().shape == (51, len(info["branches"]) * 16)
+
+
+def signal_model(variant: str, backbone: str) -> ModelConfig:
+    return ModelConfig(variant=variant, backbone=backbone, width=16, max_len=4, imt_layers=1, seq_layers=1)
+
+
+@pytest.mark.parametrize("exclude", ["all", "all_but_target"])
+def test_model_selection_and_the_evaluate_stage_rank_alike(tmp_path, exclude):
+    # 8 of 24 users come back to an item of their history for validation and for test
+    root = make_toy_dataset(tmp_path / "data", num_users=24, num_items=30, seq_len=8, repeated_targets=8)
+    model, info = train(toy_config(root, epochs=3), tmp_path / "run", tmp_path / "logs", exclude_history=exclude)
+    sequences = pq.read_table(root / "ingest/sequences.parquet")
+    score_run(model, info["max_len"], sequences, ScoreConfig(k=20), tmp_path / "candidates", {"run": "toy"}, exclude)
+    metrics, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[10], exclude_history=exclude))
+    logged = json.loads((tmp_path / "logs/metrics.json").read_text())["best"]
+    assert metrics["protocol"]["exclude_history"] == exclude == info["exclude_history"]
+    assert metrics["protocol"]["targets_in_history"] == {"valid": 8, "test": 8}
+    for split in ("valid", "test"):
+        assert set(metrics[split]) == {"fused", "id", "text", "image"}
+        for ranking, values in metrics[split].items():
+            assert values == info[split][ranking] == logged[split][ranking], (split, ranking)
+
+
+def test_a_ramp_longer_than_the_run_is_warned_and_the_final_weight_logged(toy, tmp_path, caplog):
+    cfg = toy_config(toy, epochs=2)
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, ramp=5.0))
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        train(cfg, tmp_path / "run", tmp_path / "logs")
+    final = f"{ramp_weight(2, 5.0):.3f}"
+    assert f"distill.ramp 5 > epochs 2: the distillation weight never reaches 1 ({final} at the last epoch)" in caplog.text
+    assert f"distillation weight at the last epoch (2): {final}" in caplog.text
+    assert "distillation pairs: text <- id, image <- id, id <- ensemble" in caplog.text
 
 
 def test_resume_equals_uninterrupted(toy, tmp_path):
@@ -271,15 +364,40 @@ def test_ddp_two_cpu_processes_agree(toy, tmp_path):
     assert any(not torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # gathering changes training
 
 
-def test_stage_script_and_paper_params(toy, tmp_path, monkeypatch):
+def test_paper_params_are_the_reference_configuration():
     paper = load_section(TrainConfig, "train", ROOT / "params-paper.yaml")
-    assert (paper.model.width, paper.model.text_tokens, paper.model.image_tokens, paper.batch_size, paper.lr) == (768, 30, 50, 128, 1e-4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": dataclasses.asdict(toy_config(toy))}))
+    # odmt.md sections 1, 2, 5, 6 (Amazon Arts) and the reference code's behaviour at every switch
+    assert (paper.distill.tau, paper.distill.ramp, paper.distill.detach_teacher) == (0.3, 20.0, False)
+    assert paper.distill.text_from_id and paper.distill.image_from_id and paper.distill.id_from_ens
+    assert (paper.epochs, paper.batch_size, paper.lr, paper.weight_decay, paper.clip_norm) == (31, 128, 1e-4, 0.1, 5.0)
+    m = paper.model
+    assert (m.variant, m.backbone, m.width, m.text_tokens, m.image_tokens, m.dropout) == ("odmt", "sasrec", 768, 30, 50, 0.1)
+    assert (m.imt_layers, m.imt_heads, m.seq_layers, m.seq_heads, m.max_len, m.id_init) == (2, 2, 2, 2, 12, "mean_cls")
+    assert (m.id_projection, m.id_scale_sqrt_width, m.id_init_rescale, m.head_init_scale) == (True, False, False, 1.0)
+    assert (m.xavier_init, m.ffn_dropout, m.dropout_per_slot) == ("encoders", False, True)
+    assert paper.modalities == ["id", "text", "image"] and paper.logq
+    assert load_section(EvaluateConfig, "evaluate", ROOT / "params-paper.yaml").exclude_history == "all"
+    # the header's `dvc exp run -S ...` line turns params.yaml's train section into this one
+    header = " ".join(line for line in (ROOT / "params-paper.yaml").read_text().splitlines() if line.startswith("#"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in re.findall(r"-S '?([\w.]+)=([^\s']+)'?", header.split("dvc exp run", 1)[1].split("What still differs")[0]):
+        section, *path, name = key.split(".")
+        target = params[section]
+        for part in path:
+            target = target[part]
+        target[name] = yaml.safe_load(value)
+    assert from_dict(TrainConfig, params["train"], "train") == paper
+    assert params["evaluate"]["exclude_history"] == "all"
+
+
+def test_stage_script(toy, tmp_path, monkeypatch):
+    params = {"train": dataclasses.asdict(toy_config(toy)), "evaluate": {"exclude_history": "all_but_target"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py", "--variant", "sasrec_id", "--seed", "3", "--params", "params.yaml"])
     runpy.run_path(str(ROOT / "stages/train.py"), run_name="__main__")
     model, info = load_trained(tmp_path / "models/sasrec_id-s3")
-    assert (info["variant"], info["seed"], info["branches"]) == ("sasrec_id", 3, ["id"])
+    assert (info["variant"], info["seed"], info["branches"], info["exclude_history"]) == ("sasrec_id", 3, ["id"], "all_but_target")
     assert (tmp_path / "logs/sasrec_id-s3/metrics.json").exists()
 
 

@@ -3,6 +3,8 @@
 `make_toy_dataset(root)` writes what the ingest and feature stages would write:
 root/ingest/{items,sequences,popularity}.parquet and root/features/{text,image}.parquet,
 with a learnable signal (each user walks through the catalogue in steps of one or two).
+`repeated_targets` users get validation and test targets taken from their own training history
+(repeat consumption).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def make_toy_dataset(
     text_shape: tuple[int, int] = (4, 6),
     image_shape: tuple[int, int] = (3, 5),
     seed: int = 0,
+    repeated_targets: int = 0,
 ) -> Path:
     rng = np.random.default_rng(seed)
     ingest, features = root / "ingest", root / "features"
@@ -43,6 +46,8 @@ def make_toy_dataset(
     for user in range(num_users):
         start, step = rng.integers(1, num_items + 1), 1 + user % 2
         walk = [int((start - 1 + step * t) % num_items) + 1 for t in range(seq_len)]
+        if user < repeated_targets:  # the user comes back to items seen before
+            walk[-2], walk[-1] = walk[-3], walk[0]
         rows.append((user, f"u{user}", walk[:-2], walk[-2], walk[-1]))
     users, keys, train, valid, test = zip(*rows)
     seqs = pa.table({"user_idx": np.array(users, np.int32), "user_key": list(keys), "train_items": list(train), "valid_item": np.array(valid, np.int32), "test_item": np.array(test, np.int32)})

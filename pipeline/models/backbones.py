@@ -5,7 +5,11 @@
     real: (B, L) bool, False at padding; states: (B, L, d), position t summarises items <= t
     and predicts the item at t+1.
 
-All three are causal, so the last position's state is the user vector.
+All three are causal, so the last position's state is the user vector, and none depends on how
+much padding precedes a sequence (nor on the values at padded positions): SASRec masks padding
+keys and counts positions from the right end, GRU4Rec runs each sequence right-aligned (padding
+after it), NextItNet keeps padded positions at exactly zero after every convolution, as its
+causal zero padding is.
 """
 
 from __future__ import annotations
@@ -18,18 +22,22 @@ from .layers import TransformerBlock
 
 
 class SASRec(nn.Module):
-    """Learnable absolute positions, LayerNorm + dropout, post-LN blocks, causal + padding mask."""
+    """Learnable absolute positions, LayerNorm + dropout, post-LN blocks, causal + padding mask.
 
-    def __init__(self, width: int, max_len: int, layers: int, heads: int, dropout: float):
+    Positions are counted from the right end (the last slot is always position max_len - 1), as
+    the reference's are for its fixed-length left-padded input; a shorter input is the same
+    sequence with less padding."""
+
+    def __init__(self, width: int, max_len: int, layers: int, heads: int, dropout: float, ffn_dropout: bool = False):
         super().__init__()
         self.positions = nn.Embedding(max_len, width)
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, ffn_dropout=ffn_dropout) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         length = x.shape[1]
-        x = self.drop(self.norm(x + self.positions.weight[:length]))
+        x = self.drop(self.norm(x + self.positions.weight[self.positions.num_embeddings - length :]))
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         # A padded query sees only itself, so no row of the softmax is empty (its output is unused).
         allowed = causal & (real[:, None, :] | torch.eye(length, dtype=torch.bool, device=x.device))
@@ -39,7 +47,8 @@ class SASRec(nn.Module):
 
 
 class GRU4Rec(nn.Module):
-    """Input dropout, a GRU, a linear output layer. Left padding enters as zero vectors."""
+    """Input dropout, a GRU, a linear output layer. Each sequence is run right-aligned (its
+    padding moved after it), so the GRU starts from the zero state at its first real item."""
 
     def __init__(self, width: int, layers: int, dropout: float):
         super().__init__()
@@ -48,13 +57,16 @@ class GRU4Rec(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        states, _ = self.gru(self.drop(x))
-        return self.out(states)
+        padding = (~real).sum(1)
+        states, _ = self.gru(self.drop(roll_rows(x, padding)))  # causal: trailing padding changes nothing before it
+        return self.out(roll_rows(states, -padding)) * real[..., None]
 
 
 class NextItNet(nn.Module):
     """Residual blocks of two dilated causal convolutions (kernel 3, dilations r and 2r, with
-    r = 1, 2, 4, ... per block), each followed by LayerNorm and ReLU."""
+    r = 1, 2, 4, ... per block), each followed by LayerNorm and ReLU. Padded positions are set
+    to zero after every convolution, like the causal zero padding before the sequence, so no
+    bias or normalisation output of a padded slot reaches a real one."""
 
     def __init__(self, width: int, layers: int, dropout: float, kernel: int = 3):
         super().__init__()
@@ -65,19 +77,27 @@ class NextItNet(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(width, eps=1e-6) for _ in self.dilations)
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        x = self.drop(x)
+        keep = real[..., None].to(x.dtype)
+        x = self.drop(x) * keep
         for i in range(0, len(self.convs), 2):
             h = x
             for conv, norm, dilation in zip(self.convs[i : i + 2], self.norms[i : i + 2], self.dilations[i : i + 2]):
                 h = F.pad(h.transpose(1, 2), ((self.kernel - 1) * dilation, 0))  # left pad: causal
-                h = torch.relu(norm(conv(h).transpose(1, 2)))
+                h = torch.relu(norm(conv(h).transpose(1, 2))) * keep
             x = x + h
         return x
 
 
-def build_backbone(name: str, width: int, max_len: int, layers: int, heads: int, dropout: float) -> nn.Module:
+def roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(B, L, d): row b rolled left by shift[b] positions (right for a negative shift)."""
+    length = x.shape[1]
+    index = (torch.arange(length, device=x.device)[None] + shift[:, None]) % length
+    return x.gather(1, index[..., None].expand_as(x))
+
+
+def build_backbone(name: str, width: int, max_len: int, layers: int, heads: int, dropout: float, ffn_dropout: bool = False) -> nn.Module:
     if name == "sasrec":
-        return SASRec(width, max_len, layers, heads, dropout)
+        return SASRec(width, max_len, layers, heads, dropout, ffn_dropout)
     if name == "gru4rec":
         return GRU4Rec(width, layers, dropout)
     if name == "nextitnet":

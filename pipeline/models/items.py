@@ -1,7 +1,8 @@
 """Item encoders: from an item index to one vector per branch, (branches, n, d).
 
 `ItemSources` holds the three inputs of every item (frozen text tokens, frozen image tokens,
-a trainable ID embedding) and projects them to width d. The encoders combine them:
+a trainable ID embedding) and projects them to width d (the ID through a Linear(d, d) as in the
+reference when `id_projection`, else as it is). The encoders combine them:
 - `IMTItems`: ODMT. The IMT over [text ; image ; ID], then one output MLP per branch.
 - `LateFusionItems`: no IMT. Each branch is its own source (text/image CLS token, ID) + MLP.
 - `EarlyFusionItems`: one "fused" branch, the sum or concatenation of the projected text CLS,
@@ -35,13 +36,16 @@ class ItemSources(nn.Module):
         image: TokenFeatures | None,
         text_tokens: int,
         image_tokens: int,
+        id_projection: bool = True,
+        id_scale_sqrt_width: bool = False,
     ):
         super().__init__()
         self.num_items = num_items
         self.id_table = nn.Embedding(num_items + 1, width, padding_idx=0) if use_id else None
-        # As Transformers scale token embeddings: the ID token enters at about the scale of a
-        # projected content token, while the table keeps a small init that Adam moves quickly.
-        self.id_scale = math.sqrt(width)
+        self.id_proj = nn.Linear(width, width) if use_id and id_projection else None
+        # Ours, off in the reference: as Transformers scale token embeddings, so that the ID token
+        # enters at about the scale of a projected content token while the table keeps a small init.
+        self.id_scale = math.sqrt(width) if id_scale_sqrt_width else 1.0
         self.text_proj = self._add_features("text", text, text_tokens, width)
         self.image_proj = self._add_features("image", image, image_tokens, width)
 
@@ -56,6 +60,11 @@ class ItemSources(nn.Module):
             self.register_buffer("text_mask", features.mask[:, :keep].contiguous(), persistent=False)
         return nn.Linear(features.tokens.shape[2], width)
 
+    def present(self) -> tuple[str, ...]:
+        """The sources this item encoder reads, in branch order (id, text, image)."""
+        built = {"id": self.id_table, "text": self.text_proj, "image": self.image_proj}
+        return tuple(name for name, module in built.items() if module is not None)
+
     def text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_proj(self.text_tokens[ids].float()), self.text_mask[ids]
 
@@ -63,7 +72,8 @@ class ItemSources(nn.Module):
         return self.image_proj(self.image_tokens[ids].float())
 
     def ident(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.id_table(ids) * self.id_scale
+        vectors = self.id_table(ids) * self.id_scale
+        return self.id_proj(vectors) if self.id_proj is not None else vectors
 
     def single(self, branch: str, ids: torch.Tensor) -> torch.Tensor:
         """A branch's one projected input vector without the IMT: the ID, or the CLS token."""
@@ -73,20 +83,24 @@ class ItemSources(nn.Module):
         return proj(tokens[ids, 0].float())
 
 
-def initial_id_table(how: IdInit, width: int, text: TokenFeatures | None, image: TokenFeatures | None, like: torch.Tensor) -> torch.Tensor | None:
+def initial_id_table(
+    how: IdInit, width: int, text: TokenFeatures | None, image: TokenFeatures | None, like: torch.Tensor, rescale: bool = False
+) -> torch.Tensor | None:
     """ID embedding initialisation from the items' CLS (first-token) features, or None for
     "random" (keep `like`, the model's random initialisation).
 
     Each chosen modality's CLS features are used as they are when their dim equals `width`
     (the reference), else centred and projected onto their top-`width` principal directions.
-    Items lacking a modality average only what they have; the padding row is zero. The table is
-    rescaled to the standard deviation of `like`: the features set the directions of the ID
-    vectors, not their scale (a large-scale table would learn slowly under Adam).
+    Items lacking a modality average only what they have; the padding row is zero. With
+    `rescale` (ours; the reference keeps the features' own scale) the table is rescaled to the
+    standard deviation of `like`: the features then set the directions of the ID vectors, not
+    their scale (a large-scale table would learn slowly under Adam).
     """
     if how == "random":
         return None
-    sources = {"mean_cls": (text, image), "text_cls": (text,), "image_cls": (image,)}[how]
-    if any(f is None for f in sources):
+    # mean_cls: the mean over the content sources the run uses (text alone without images)
+    sources = {"mean_cls": tuple(f for f in (text, image) if f is not None), "text_cls": (text,), "image_cls": (image,)}[how]
+    if not sources or any(f is None for f in sources):
         raise ValueError(f"id_init {how!r} needs the features it names; use id_init 'random' for this variant")
     total = torch.zeros(like.shape, dtype=torch.float64)
     count = torch.zeros(like.shape[0], 1, dtype=torch.float64)
@@ -97,7 +111,9 @@ def initial_id_table(how: IdInit, width: int, text: TokenFeatures | None, image:
         total[present] += _to_width(cls[present], width)
         count[present] += 1
     table = total / count.clamp(min=1)
-    return (table * like[1:].double().std() / table[1:].std().clamp(min=1e-12)).to(like.dtype)
+    if rescale:
+        table = table * like[1:].double().std() / table[1:].std().clamp(min=1e-12)
+    return table.to(like.dtype)
 
 
 def _to_width(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -110,18 +126,19 @@ def _to_width(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class IMTItems(nn.Module):
-    branches = ("id", "text", "image")
+    """The IMT over the present sources' tokens, then one output MLP per present source."""
 
-    def __init__(self, sources: ItemSources, width: int, layers: int, heads: int, dropout: float, id_aware: bool):
+    def __init__(self, sources: ItemSources, width: int, layers: int, heads: int, dropout: float, id_aware: bool, ffn_dropout: bool = False):
         super().__init__()
-        self.sources = sources
-        self.imt = IDAwareMultimodalTransformer(width, layers, heads, dropout, id_aware)
+        self.sources, self.branches = sources, sources.present()
+        self.imt = IDAwareMultimodalTransformer(width, layers, heads, dropout, id_aware, ffn_dropout)
         self.heads = nn.ModuleDict({b: mlp(width, width) for b in self.branches})
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        text, text_mask = self.sources.text(ids)
-        out_text, out_image, out_id = self.imt(text, text_mask, self.sources.image(ids), self.sources.ident(ids))
-        outputs = {"id": out_id, "text": out_text, "image": out_image}
+        text, text_mask = self.sources.text(ids) if "text" in self.branches else (None, None)
+        image = self.sources.image(ids) if "image" in self.branches else None
+        ident = self.sources.ident(ids) if "id" in self.branches else None
+        outputs = self.imt(text, text_mask, image, ident)
         return torch.stack([self.heads[b](outputs[b]) for b in self.branches])
 
 
@@ -136,15 +153,16 @@ class LateFusionItems(nn.Module):
 
 
 class EarlyFusionItems(nn.Module):
+    """One "fused" branch: the sum or concatenation of the present sources' single vectors."""
+
     branches = ("fused",)
 
     def __init__(self, sources: ItemSources, width: int, how: Literal["sum", "concat"]):
         super().__init__()
-        self.sources, self.how = sources, how
-        self.heads = nn.ModuleDict({"fused": mlp(3 * width if how == "concat" else width, width)})
+        self.sources, self.how, self.parts = sources, how, sources.present()
+        self.heads = nn.ModuleDict({"fused": mlp(len(self.parts) * width if how == "concat" else width, width)})
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        parts = [self.sources.single(b, ids) for b in ("id", "text", "image")]
+        parts = [self.sources.single(b, ids) for b in self.parts]
         fused = torch.cat(parts, dim=-1) if self.how == "concat" else torch.stack(parts).sum(0)
         return self.heads["fused"](fused)[None]
-

@@ -8,16 +8,19 @@ from torch import nn
 
 
 class TransformerBlock(nn.Module):
-    """Post-LayerNorm transformer block: bias-free Q/K/V/O attention, FFN 4d with ReLU."""
+    """Post-LayerNorm transformer block: bias-free Q/K/V/O attention, FFN 4d with ReLU.
 
-    def __init__(self, width: int, heads: int, dropout: float, eps: float = 1e-6):
+    ffn_dropout: a dropout between the FFN's two layers too (ours; the reference has none)."""
+
+    def __init__(self, width: int, heads: int, dropout: float, eps: float = 1e-6, ffn_dropout: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads, self.dropout = heads, dropout
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
-        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+        inner = nn.Dropout(dropout) if ffn_dropout else nn.Identity()
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.ReLU(), inner, nn.Linear(4 * width, width))
         self.norm_attn = nn.LayerNorm(width, eps=eps)
         self.norm_ffn = nn.LayerNorm(width, eps=eps)
         self.drop = nn.Dropout(dropout)

@@ -3,7 +3,9 @@
 A model = an item encoder (items.py) giving each item one vector per branch, plus one
 independent sequence encoder (backbones.py) per branch. Branch score = <user state, item
 vector>; the fused score is the mean over branches (odmt.md section 4). The variant names the
-item encoder and branches; the backbone names the sequence encoder of every branch.
+item encoder and branches; the backbone names the sequence encoder of every branch. A run may
+use fewer sources than the variant names (`sources`: a catalogue without images trains ODMT
+with an ID and a text branch); the branches are then those of the sources used.
 
 | variant | item encoder | branches | distillation |
 |---|---|---|---|
@@ -53,11 +55,10 @@ class Variant:
     @property
     def sources(self) -> set[str]:
         """Which inputs (id, text, image) the item encoder reads."""
-        return set(self.branches) if self.items == "late" else {"id", "text", "image"}
+        return set(self.branches) if self.items == "late" else set(THREE)
 
 
 THREE = ("id", "text", "image")
-HEAD_INIT_SCALE = 0.05  # the last layer of each item head starts at 1/20 of its xavier init
 VARIANTS: dict[str, Variant] = {
     "odmt": Variant("imt", THREE, id_aware=True, distill=True),
     "odmt_no_distill": Variant("imt", THREE, id_aware=True, distill=False),
@@ -85,6 +86,15 @@ class ModelConfig:
     text_tokens: int = 30  # the first tokens of the text features kept (CLS first)
     image_tokens: int = 50  # the first tokens of the image features kept (pooled/CLS first)
     id_init: IdInit = "mean_cls"  # sasrec_id always starts random: it must not see content
+    # Deviations from the reference code, each a switch whose default here is the reference's
+    # behaviour (README, "Deviations from the paper"; params.yaml sets the project's choice).
+    id_projection: bool = True  # a Linear(d, d) on the ID vector before the IMT, as for text and image
+    id_scale_sqrt_width: bool = False  # the ID vector multiplied by sqrt(d)
+    id_init_rescale: bool = False  # a content-initialised ID table rescaled to the random init's spread
+    head_init_scale: float = 1.0  # the last Linear of each item head initialised x this
+    xavier_init: Literal["encoders", "all"] = "encoders"  # xavier-normal on the sequence encoders only, or every Linear/Embedding
+    ffn_dropout: bool = False  # a dropout between the two layers of every transformer FFN
+    dropout_per_slot: bool = True  # training: every slot of an item draws its own dropout mask (false: one per distinct item of a batch)
 
     def validate(self) -> None:
         for name in ("width", "max_len", "imt_layers", "imt_heads", "seq_layers", "seq_heads", "text_tokens", "image_tokens"):
@@ -92,45 +102,71 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.head_init_scale <= 0:
+            raise ValueError(f"model.head_init_scale must be > 0, got {self.head_init_scale}")
+
+
+def variant_branches(variant: str, sources: tuple[str, ...] = THREE) -> tuple[str, ...]:
+    """The branches a variant trains when only ``sources`` are used (in id, text, image order)."""
+    spec = VARIANTS[variant]
+    if spec.branches == ("fused",):
+        return spec.branches
+    branches = tuple(b for b in spec.branches if b in sources)
+    if not branches:
+        raise ValueError(f"variant {variant!r} needs the {'/'.join(spec.branches)} source, which this run does not use (train.modalities)")
+    return branches
 
 
 class ODMT(SequentialRecommender):
-    def __init__(self, cfg: ModelConfig, num_items: int, text: TokenFeatures | None = None, image: TokenFeatures | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_items: int,
+        text: TokenFeatures | None = None,
+        image: TokenFeatures | None = None,
+        sources: tuple[str, ...] = THREE,
+    ):
+        """``sources``: the inputs this run uses (train.modalities); the variant reads those of
+        them it names."""
         super().__init__()
         variant = VARIANTS[cfg.variant]
         self.cfg, self.num_items = cfg, num_items
-        self.branches, self.branch_dim = variant.branches, cfg.width
+        self.branches, self.branch_dim = variant_branches(cfg.variant, sources), cfg.width
+        reads = variant.sources & set(sources)
         for name, features in (("text", text), ("image", image)):
-            if name in variant.sources and features is None:
+            if name in reads and features is None:
                 raise ValueError(f"variant {cfg.variant!r} needs {name} features")
-        sources = ItemSources(
+        item_sources = ItemSources(
             num_items,
             cfg.width,
-            use_id="id" in variant.sources,
-            text=text if "text" in variant.sources else None,
-            image=image if "image" in variant.sources else None,
+            use_id="id" in reads,
+            text=text if "text" in reads else None,
+            image=image if "image" in reads else None,
             text_tokens=cfg.text_tokens,
             image_tokens=cfg.image_tokens,
+            id_projection=cfg.id_projection,
+            id_scale_sqrt_width=cfg.id_scale_sqrt_width,
         )
         if variant.items == "imt":
-            self.items = IMTItems(sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware)
+            self.items = IMTItems(item_sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware, cfg.ffn_dropout)
         elif variant.items == "late":
-            self.items = LateFusionItems(sources, cfg.width, variant.branches)
+            self.items = LateFusionItems(item_sources, cfg.width, self.branches)
         else:
-            self.items = EarlyFusionItems(sources, cfg.width, "sum" if variant.items == "early_sum" else "concat")
+            self.items = EarlyFusionItems(item_sources, cfg.width, "sum" if variant.items == "early_sum" else "concat")
         self.encoders = nn.ModuleList(
-            build_backbone(cfg.backbone, cfg.width, cfg.max_len, cfg.seq_layers, cfg.seq_heads, cfg.dropout) for _ in self.branches
+            build_backbone(cfg.backbone, cfg.width, cfg.max_len, cfg.seq_layers, cfg.seq_heads, cfg.dropout, cfg.ffn_dropout)
+            for _ in self.branches
         )
-        self.apply(init_weights)
+        (self if cfg.xavier_init == "all" else self.encoders).apply(init_weights)
         with torch.no_grad():
             for head in self.items.heads.values():
-                # Small item vectors at the start, as a random ID embedding gives: with full-size
-                # vectors the in-batch logits of IMT outputs start saturated and learning stalls.
-                head[-1].weight.mul_(HEAD_INIT_SCALE)
-            if sources.id_table is not None and cfg.variant != "sasrec_id":
-                table = initial_id_table(cfg.id_init, cfg.width, text, image, like=sources.id_table.weight)
+                # Ours (head_init_scale < 1): small item vectors at the start, as a random ID
+                # embedding gives, so that the in-batch logits of IMT outputs do not start saturated.
+                head[-1].weight.mul_(cfg.head_init_scale)
+            if item_sources.id_table is not None and cfg.variant != "sasrec_id":
+                table = initial_id_table(cfg.id_init, cfg.width, text, image, like=item_sources.id_table.weight, rescale=cfg.id_init_rescale)
                 if table is not None:
-                    sources.id_table.weight.copy_(table)
+                    item_sources.id_table.weight.copy_(table)
 
     def forward(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass over (B, L+1) left-padded item slots: inputs are slots[:, :-1].
@@ -154,7 +190,11 @@ class ODMT(SequentialRecommender):
         return torch.cat(list(states), dim=1) / len(self.branches)
 
     def _vectors_of(self, ids: torch.Tensor) -> torch.Tensor:
-        # The item encoder runs once per DISTINCT item of the batch, then is gathered to slots.
+        if self.training and self.cfg.dropout_per_slot and self.cfg.dropout > 0:
+            # As the reference: every slot through the item encoder, each with its own dropout.
+            return self.items(ids.reshape(-1)).unflatten(1, ids.shape)
+        # Without dropout the same item gives the same vector in every slot: the item encoder
+        # runs once per DISTINCT item of the batch, then is gathered to the slots.
         unique, inverse = torch.unique(ids, return_inverse=True)
         return self.items(unique)[:, inverse]
 

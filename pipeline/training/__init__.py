@@ -10,16 +10,23 @@ from typing import Any, Literal
 import torch
 
 from ..config import from_dict
-from ..models.odmt import ODMT, VARIANTS, ModelConfig
+from ..models.odmt import ODMT, THREE, VARIANTS, ModelConfig
+from ..progress import log
 from . import checkpoint
-from .data import load_features
+from .data import load_features, present_fraction
 from .distillation import DistillConfig
+
+Source = Literal["id", "text", "image"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # The sources the model uses: "auto" = id, plus text and image where the feature file says
+    # at least modality_min_present of the items have them; or an explicit list.
+    modalities: Literal["auto"] | list[Source] = "auto"
+    modality_min_present: float = 0.5
     seed: int = 1
     epochs: int = 40
     batch_size: int = 64  # sequences per step and rank; in-batch negatives come from them
@@ -46,14 +53,55 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.modalities != "auto" and not self.modalities:
+            raise ValueError("modalities must be 'auto' or a non-empty list of id, text, image")
+        if not 0 <= self.modality_min_present <= 1:
+            raise ValueError(f"modality_min_present must be in [0, 1], got {self.modality_min_present}")
 
 
-def build_model(cfg: TrainConfig, num_items: int) -> ODMT:
-    """The model of cfg.model, reading the feature files its variant needs."""
-    sources = VARIANTS[cfg.model.variant].sources
-    text = load_features(cfg.text_features, num_items) if "text" in sources else None
-    image = load_features(cfg.image_features, num_items) if "image" in sources else None
-    return ODMT(cfg.model, num_items, text, image)
+@dataclass(frozen=True)
+class Sources:
+    """Which item sources a run uses, and why: the share of items that have each one."""
+
+    used: tuple[str, ...]  # in branch order: id, text, image
+    present: dict[str, float]  # source -> fraction of catalogue items that have it
+
+    def describe(self, cfg: TrainConfig) -> str:
+        """One log line: each source found, its coverage, used or dropped and why."""
+        parts = []
+        for name in THREE:
+            share = f"{100 * self.present[name]:.1f}% of items"
+            if name in self.used:
+                parts.append(f"{name} ({share}, used)")
+            elif cfg.modalities == "auto":
+                parts.append(f"{name} ({share}: below train.modality_min_present {cfg.modality_min_present}, dropped)")
+            else:
+                parts.append(f"{name} ({share}: not in train.modalities)")
+        return "sources: " + ", ".join(parts)
+
+
+def find_sources(cfg: TrainConfig) -> Sources:
+    """The sources of this run, from train.modalities and the feature files' `present` column."""
+    present = {"id": 1.0, "text": present_fraction(cfg.text_features), "image": present_fraction(cfg.image_features)}
+    if cfg.modalities == "auto":
+        used = tuple(s for s in THREE if present[s] >= cfg.modality_min_present)
+    else:
+        used = tuple(s for s in THREE if s in cfg.modalities)
+        for name in used:
+            if present[name] < cfg.modality_min_present:
+                log.warning("train.modalities names %s, which only %.1f%% of items have", name, 100 * present[name])
+    return Sources(used, present)
+
+
+def build_model(cfg: TrainConfig, num_items: int, sources: tuple[str, ...] | None = None) -> ODMT:
+    """The model of cfg.model on ``sources`` (default: find_sources), reading the feature files
+    it needs."""
+    if sources is None:
+        sources = find_sources(cfg).used
+    reads = VARIANTS[cfg.model.variant].sources & set(sources)
+    text = load_features(cfg.text_features, num_items) if "text" in reads else None
+    image = load_features(cfg.image_features, num_items) if "image" in reads else None
+    return ODMT(cfg.model, num_items, text, image, tuple(sources))
 
 
 def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[ODMT, dict[str, Any]]:
@@ -65,6 +113,6 @@ def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[ODM
         raise FileNotFoundError(f"{path}: no trained model; run the train stage for this variant and seed")
     saved = checkpoint.load(path)
     cfg = from_dict(TrainConfig, saved["params"], f"{path} params")
-    model = build_model(cfg, saved["info"]["num_items"])
+    model = build_model(cfg, saved["info"]["num_items"], saved["info"].get("sources"))
     model.load_state_dict(saved["state_dict"])
     return model.to(device).eval(), saved["info"]

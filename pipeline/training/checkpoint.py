@@ -34,6 +34,8 @@ TRAIN_CODE = (
     "pipeline/models",
     "pipeline/training",
     "pipeline/metrics.py",
+    "pipeline/scoring.py",
+    "pipeline/evaluation.py",
     "pipeline/features/store.py",
 )
 

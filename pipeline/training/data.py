@@ -1,9 +1,10 @@
 """Training and evaluation inputs from the ingest tables, as LEFT-padded index tensors.
 
 Training: one sequence per user, its last max_len + 1 training items (all positions
-supervised). Validation: the last max_len training items predict valid_item, history = all
-training items. Test: the last max_len of training items + valid_item predict test_item,
-history = training items + valid_item.
+supervised). Validation and test: the split and the items left out of each ranking come from
+pipeline.scoring.split_users, the same protocol the score and evaluate stages use (validation:
+the last max_len training items predict valid_item; test: the last max_len of training items +
+valid_item predict test_item; excluded: their history, under evaluate.exclude_history).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import pyarrow.parquet as pq
 import torch
 
 from ..features.store import TokenFeatures, load_token_features
+from ..metrics import ExcludeHistory
+from ..scoring import SplitUsers, split_users
 
 
 @dataclass
 class Split:
     inputs: torch.Tensor  # (U, max_len) left-padded
     targets: torch.Tensor  # (U,)
-    history: torch.Tensor  # (U, H) items excluded from the ranking, 0-padded
+    excluded: torch.Tensor  # (U, H) items left out of the ranking, 0-padded
 
 
 @dataclass
@@ -38,13 +41,13 @@ def left_pad(sequences: list[list[int]], width: int) -> torch.Tensor:
     """(len, width) int64: the last `width` items of each list, right-aligned, 0 before."""
     out = torch.zeros(len(sequences), width, dtype=torch.int64)
     for row, items in enumerate(sequences):
-        kept = items[-width:]
+        kept = list(items[-width:]) if width else []
         if kept:
             out[row, width - len(kept) :] = torch.tensor(kept)
     return out
 
 
-def load_sequences(sequences_path: str | Path, popularity_path: str | Path, max_len: int) -> SequenceData:
+def load_sequences(sequences_path: str | Path, popularity_path: str | Path, max_len: int, exclude_history: ExcludeHistory = "all") -> SequenceData:
     table = pq.read_table(sequences_path).sort_by("user_idx")
     train = [list(x) for x in table["train_items"].to_pylist()]
     valid = table["valid_item"].to_pylist()
@@ -57,14 +60,30 @@ def load_sequences(sequences_path: str | Path, popularity_path: str | Path, max_
     largest = max(max((max(s, default=0) for s in train), default=0), max(valid, default=0), max(test, default=0))
     if largest > num_items:
         raise ValueError(f"{sequences_path}: item {largest} is beyond the {num_items} items of {popularity_path}; rerun ingest")
-    with_valid = [s + [v] for s, v in zip(train, valid)]
     return SequenceData(
         train=left_pad(train, max_len + 1),
-        valid=Split(left_pad(train, max_len), torch.tensor(valid), left_pad(train, max(map(len, train)))),
-        test=Split(left_pad(with_valid, max_len), torch.tensor(test), left_pad(with_valid, max(map(len, with_valid)))),
+        valid=_ranking_split(split_users(table, "valid", exclude_history), max_len),
+        test=_ranking_split(split_users(table, "test", exclude_history), max_len),
         train_counts=counts,
         num_items=num_items,
     )
+
+
+def _ranking_split(users: SplitUsers, max_len: int) -> Split:
+    excluded = [e.tolist() for e in users.excluded]
+    return Split(
+        left_pad([h.tolist() for h in users.histories], max_len),
+        torch.from_numpy(users.targets.astype(np.int64)),
+        left_pad(excluded, max(map(len, excluded), default=0)),
+    )
+
+
+def present_fraction(path: str | Path) -> float:
+    """Share of items with this source (the feature file's `present` column); 0 without a file."""
+    if not Path(path).exists():
+        return 0.0
+    present = pq.read_table(path, columns=["present"]).column("present").to_numpy(zero_copy_only=False)
+    return float(present.mean()) if len(present) else 0.0
 
 
 def load_features(path: str | Path, num_items: int) -> TokenFeatures:

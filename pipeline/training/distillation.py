@@ -2,7 +2,9 @@
 
 KD(student <- teacher) = tau^2 * mean over rows of the soft cross-entropy
 -sum_c softmax(teacher / tau)_c * log softmax(student / tau)_c, on the branches' in-batch
-logits. Pairs: text <- id, image <- id, id <- ensemble (mean of the three branch logits).
+logits. Pairs: text <- id, image <- id, id <- ensemble (mean of the three branch logits). With
+fewer sources (a catalogue without images, say) only the pairs among the present branches are
+formed, and the ensemble is the mean of the present branches.
 The teacher is not detached by default (as in the reference code). A live teacher is also
 pulled by the soft cross-entropy onto the student's top item; on the embedded data this cost
 about a point of HR@10, so params.yaml detaches it (README, "Online distillation").
@@ -45,16 +47,20 @@ def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, tau: float)
     return tau**2 * -(soft_targets * F.log_softmax(student / tau, dim=1)).sum(1).mean()
 
 
+def distillation_pairs(branches: tuple[str, ...] | list[str], cfg: DistillConfig) -> list[tuple[str, str, str]]:
+    """(term name, student, teacher) of each enabled pair among ``branches``; teacher "ensemble"
+    = the mean of all branch logits."""
+    candidates = [("text_from_id", "text", "id"), ("image_from_id", "image", "id")]
+    if len(branches) > 1:
+        candidates.append(("id_from_ens", "id", "ensemble"))
+    return [(name, s, t) for name, s, t in candidates if getattr(cfg, name) and s in branches and t in (*branches, "ensemble")]
+
+
 def distillation_terms(logits: dict[str, torch.Tensor], cfg: DistillConfig) -> dict[str, torch.Tensor]:
-    """Unweighted KD term of each enabled pair, from the id/text/image branch logits (R, C)."""
-    ensemble = (logits["id"] + logits["text"] + logits["image"]) / 3
-    pairs = {
-        "text_from_id": (logits["text"], logits["id"]),
-        "image_from_id": (logits["image"], logits["id"]),
-        "id_from_ens": (logits["id"], ensemble),
-    }
+    """Unweighted KD term of each enabled pair, from the branch logits (R, C)."""
+    teachers = dict(logits, ensemble=sum(logits.values()) / len(logits))
     terms = {}
-    for name, (student, teacher) in pairs.items():
-        if getattr(cfg, name):
-            terms[name] = soft_cross_entropy(student, teacher.detach() if cfg.detach_teacher else teacher, cfg.tau)
+    for name, student, teacher in distillation_pairs(tuple(logits), cfg):
+        target = teachers[teacher].detach() if cfg.detach_teacher else teachers[teacher]
+        terms[name] = soft_cross_entropy(logits[student], target, cfg.tau)
     return terms

@@ -21,27 +21,31 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import to_dict
 from ..io import atomic_path
-from ..metrics import full_ranks, summarize
+from ..metrics import ExcludeHistory, full_ranks, summarize
 from ..models.odmt import ODMT, VARIANTS
 from ..progress import Progress, log
-from . import TrainConfig, build_model, checkpoint, ddp
+from . import Sources, TrainConfig, build_model, checkpoint, ddp, find_sources
 from .data import SequenceData, Split, epoch_batches, load_sequences
-from .distillation import distillation_terms, ramp_weight
+from .distillation import distillation_pairs, distillation_terms, ramp_weight
 from .loss import branch_logits, cross_entropy, in_batch, log_popularity
 
 
-def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[str, Any]]:
+def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: ExcludeHistory = "all") -> tuple[ODMT, dict[str, Any]]:
     """Train one run; writes run_dir/model.pt, run_dir/checkpoint.pt and dvclive output in
     log_dir (rank 0). Returns the model with its best-validation weights and the info dict
-    stored in model.pt."""
-    env, data, model, optimizer, scaler, use_amp = set_up(cfg)
+    stored in model.pt. ``exclude_history`` (evaluate.exclude_history) is the ranking protocol
+    of model selection and of the metrics logged, the same one the evaluate stage reports."""
+    env, data, model, optimizer, scaler, use_amp, sources = set_up(cfg, exclude_history)
     params = to_dict(cfg)
     run_dir, log_dir = Path(run_dir), Path(log_dir)
+    distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0 and bool(distillation_pairs(model.branches, cfg.distill))
+    _log_plan(cfg, model, sources, distill)
 
     state = {"epoch": 0, "best_score": float("-inf"), "best_epoch": 0, "best_state": None, "bad_epochs": 0}
     inputs = checkpoint.input_digests([cfg.sequences, cfg.popularity, cfg.text_features, cfg.image_features])
     code = checkpoint.code_digest()
-    saved = checkpoint.load_compatible(run_dir / "checkpoint.pt", params, inputs, code)
+    resume_params = {**params, "evaluate.exclude_history": exclude_history}  # it picks the best epoch too
+    saved = checkpoint.load_compatible(run_dir / "checkpoint.pt", resume_params, inputs, code)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -55,7 +59,6 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
             _drop_curve_steps_after(log_dir, state["epoch"])
         live = Live(str(log_dir), resume=saved is not None, save_dvc_exp=False, dvcyaml=None)
     log_p = log_popularity(data.train_counts).to(env.device) if cfg.logq else None
-    distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0
     rows_per_epoch = sum(map(len, epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1, env.rank, env.world_size)))
     progress = Progress("training", total=max(cfg.epochs - state["epoch"], 0) * rows_per_epoch, unit="sequences", every_s=30)
 
@@ -80,7 +83,14 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
         )
         if env.is_main:
             _log_epoch(live, epoch, losses, weight, valid)
-            snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "params": params, "inputs": inputs, "code": code}
+            snapshot = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "params": resume_params,
+                "inputs": inputs,
+                "code": code,
+            }
             checkpoint.save({**snapshot, **state}, run_dir / "checkpoint.pt")
 
     progress.close()
@@ -93,6 +103,9 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
         "max_len": cfg.model.max_len,
         "branches": list(model.branches),
         "branch_dim": model.branch_dim,
+        "sources": [s for s in sources.used if s in VARIANTS[cfg.model.variant].sources],  # read by the model; load_trained rebuilds on them
+        "source_present": sources.present,
+        "exclude_history": exclude_history,
         "num_items": data.num_items,
         "best_epoch": state["best_epoch"],
         "epochs_trained": state["epoch"],
@@ -104,6 +117,8 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path) -> tuple[ODMT, dict[st
         live.summary["best"] = {"epoch": state["best_epoch"], **results}  # valid/test metrics of the kept weights
         live.make_summary()
         live.end()
+    if distill:
+        log.info("distillation weight at the last epoch (%d): %.3f", state["epoch"], ramp_weight(state["epoch"], cfg.distill.ramp))
     log.info("best epoch %d: test fused HR@10 %.4f NDCG@10 %.4f", state["best_epoch"], results["test"]["fused"]["hr@10"], results["test"]["fused"]["ndcg@10"])
     ddp.cleanup(env)
     return model.eval(), info
@@ -116,19 +131,35 @@ class RunSetup(NamedTuple):
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     use_amp: bool
+    sources: Sources
 
 
-def set_up(cfg: TrainConfig) -> RunSetup:
+def set_up(cfg: TrainConfig, exclude_history: ExcludeHistory = "all") -> RunSetup:
     """What a run (and the training benchmark) starts from: deterministic kernels, the data, the
-    seeded model, AdamW and the float16 loss scaler (active on CUDA only)."""
+    item sources, the seeded model, AdamW and the float16 loss scaler (active on CUDA only)."""
     env = ddp.setup()
     _deterministic(env)
     torch.manual_seed(cfg.seed)
-    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
-    model = build_model(cfg, data.num_items).to(env.device)
+    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len, exclude_history)
+    sources = find_sources(cfg)
+    model = build_model(cfg, data.num_items, sources.used).to(env.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and env.device.type == "cuda"
-    return RunSetup(env, data, model, optimizer, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp)
+    return RunSetup(env, data, model, optimizer, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, sources)
+
+
+def _log_plan(cfg: TrainConfig, model: ODMT, sources: Sources, distill: bool) -> None:
+    """Say at the start what will be trained: sources, branches, distillation pairs and ramp."""
+    log.info("%s; %s trains branches %s", sources.describe(cfg), cfg.model.variant, ", ".join(model.branches))
+    if not distill:
+        return
+    pairs = ", ".join(f"{student} <- {teacher}" for _, student, teacher in distillation_pairs(model.branches, cfg.distill))
+    log.info("distillation pairs: %s", pairs)
+    if cfg.distill.ramp >= 1 and cfg.distill.ramp > cfg.epochs:
+        log.warning(
+            "distill.ramp %g > epochs %d: the distillation weight never reaches 1 (%.3f at the last epoch)",
+            cfg.distill.ramp, cfg.epochs, ramp_weight(cfg.epochs, cfg.distill.ramp),
+        )
 
 
 def _train_epoch(net, model: ODMT, optimizer, scaler, train: torch.Tensor, cfg: TrainConfig, env, epoch: int, weight: float, log_p, use_amp: bool, progress: Progress) -> dict[str, float]:
@@ -178,7 +209,8 @@ def batch_losses(states, vectors, slots, branches, cfg: TrainConfig, env, log_p,
 
 @torch.no_grad()
 def evaluate(model: ODMT, split: Split, batch_size: int) -> dict[str, dict[str, float]]:
-    """HR/NDCG/MRR@10 of the fused score and of each branch, full ranking, history excluded."""
+    """HR/NDCG/MRR@10 of the fused score and of each branch, full ranking, the split's excluded
+    items left out (the protocol of the evaluate stage)."""
     model.eval()
     device = next(model.parameters()).device
     items = model.item_vectors().float()
@@ -187,11 +219,11 @@ def evaluate(model: ODMT, split: Split, batch_size: int) -> dict[str, dict[str, 
     for start in range(0, len(split.targets), batch_size):
         block = slice(start, start + batch_size)
         users = model.user_vectors(split.inputs[block].to(device)).float()
-        targets, history = split.targets[block].to(device), split.history[block].to(device)
-        ranks["fused"].append(full_ranks(users @ items.T, targets, history).cpu())
+        targets, excluded = split.targets[block].to(device), split.excluded[block].to(device)
+        ranks["fused"].append(full_ranks(users @ items.T, targets, excluded).cpu())
         for i, branch in enumerate(model.branches):
             part = slice(i * d, (i + 1) * d)
-            ranks[branch].append(full_ranks(users[:, part] @ items[:, part].T, targets, history).cpu())
+            ranks[branch].append(full_ranks(users[:, part] @ items[:, part].T, targets, excluded).cpu())
     return {name: summarize(torch.cat(r)) for name, r in ranks.items()}
 
 

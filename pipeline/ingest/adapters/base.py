@@ -166,6 +166,9 @@ def unreadable(
 
 
 def joined_text(columns: list[str] | tuple[str, ...]) -> pl.Expr:
-    """Non-empty values of ``columns`` joined by newlines ("" when all are empty)."""
+    """Non-empty values of ``columns`` joined by newlines ("" when all are empty, or when there
+    are no columns: a catalogue with titles only)."""
+    if not columns:
+        return pl.lit("", pl.String)
     parts = [pl.col(c).cast(pl.String).str.strip_chars().replace("", None) for c in columns]
     return pl.concat_str(parts, separator="\n", ignore_nulls=True)
