@@ -14,7 +14,11 @@ Rules, in order (each dropped row is counted by reason in the report):
 5. Leave-one-out: test = last item, valid = second to last, train = the rest. Popularity is
    counted over train items only.
 Items keep a missing text or image: their features are zero and flagged (`present` false);
-the counts appear in the report. Image files are packed into Parquet as encoded bytes.
+the counts appear in the report. Image files are packed into Parquet as encoded bytes, streamed:
+`ingest` checks every file (bytes read, header checked, bytes let go) and `write` reads the kept
+ones again into row groups of at most IMAGE_ROW_GROUP_BYTES, so no more than one row group of
+image bytes is ever held (the second read costs I/O, not memory; small files come from the page
+cache).
 
 Bad input never stops ingest row by row. Rows with an unreadable value (a timestamp that is no
 time, an id of the wrong type) were dropped by the adapter; they are counted (`bad_timestamp`,
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +43,7 @@ from PIL import Image
 
 from .. import schema
 from ..images import MAX_PIXELS, ImageRefused, open_image
-from ..io import write_json, write_table
+from ..io import parquet_writer, write_json, write_table
 from ..progress import Progress, log
 from .adapters.base import BadValues, RawSource, SourceError
 
@@ -52,6 +57,10 @@ IMAGE_PROBLEMS = (
     "image_bomb",
 )
 MAX_LOGGED_PROBLEMS = 20
+IMAGE_COLUMNS = ("item_key", "image_path", "image_url", "image_refused")
+# Image bytes per row group of images.parquet: ingest holds one row group at a time, and the
+# image feature stage reads one at a time (real product photos: ~400 per group at 150 KB each).
+IMAGE_ROW_GROUP_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,24 @@ class SplitRules:
             raise ValueError(f"max_bad_fraction must be in 0..1, got {self.max_bad_fraction}")
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Where each kept item's image file is (items: item_idx, IMAGE_COLUMNS, has_image): read
+    file by file when images.parquet is written (`image_row_groups`), never all at once."""
+
+    items: pl.DataFrame
+    rules: SplitRules
+    roots: tuple[Path, ...]
+
+    def table(self) -> pa.Table:
+        """Every image at once: for small catalogues and tests (the stage streams them)."""
+        return pa.concat_tables(image_row_groups(self))
+
+
 @dataclass
 class Ingested:
     items: pl.DataFrame
-    images: pa.Table
+    images: ImageSource
     interactions: pl.DataFrame
     sequences: pl.DataFrame
     popularity: pl.DataFrame
@@ -163,22 +186,50 @@ def split(inter: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return seqs, popularity
 
 
-def pack_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...], dropped: Counter) -> tuple[pa.Table, list[bool]]:
-    """Read each item's local image file into bytes; refused, missing or unreadable ones are counted."""
-    data: list[bytes | None] = []
-    roots = tuple(root.absolute() for root in roots)
-    progress = Progress("ingest: packing images", total=items.height)
-    for key, path, url, refused in items.select("item_key", "image_path", "image_url", "image_refused").iter_rows():
+def check_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...], dropped: Counter) -> list[bool]:
+    """Whether each item's local image file is kept; refused, missing or unreadable ones are counted.
+    The bytes are read to check them and let go: `image_row_groups` reads them again to write them."""
+    kept = []
+    progress = Progress("ingest: checking images", total=items.height)
+    for key, path, url, refused in items.select(*IMAGE_COLUMNS).iter_rows():
         image, problem = _read_image(path, url, refused, rules, roots)
         if problem:
             dropped[problem] += 1
             if problem in IMAGE_PROBLEMS and sum(dropped[p] for p in IMAGE_PROBLEMS) <= MAX_LOGGED_PROBLEMS:
                 log.warning("ingest: item %s: %s (%s)", key, problem, path)
-        data.append(image)
+        kept.append(image is not None)
         progress.update(1)
     progress.close()
-    table = pa.table({"item_idx": pa.array(items["item_idx"].to_numpy(), pa.int32()), "image": pa.array(data, pa.binary())})
-    return table, [d is not None for d in data]
+    return kept
+
+
+def image_row_groups(images: ImageSource, max_bytes: int = IMAGE_ROW_GROUP_BYTES) -> Iterator[pa.Table]:
+    """The IMAGES table in row groups of at most `max_bytes` of image data (or one image, when
+    larger), read file by file as it goes. An image whose check comes out differently than in
+    `check_images` (the file changed during ingest) stops ingest: the items' `has_image` would lie."""
+    progress = Progress("ingest: packing images", total=images.items.height)
+    idx: list[int] = []
+    data: list[bytes | None] = []
+    size = 0
+    rows = images.items.select("item_idx", *IMAGE_COLUMNS, "has_image").iter_rows()
+    for item_idx, key, path, url, refused, has_image in rows:
+        image, _ = _read_image(path, url, refused, images.rules, images.roots)
+        if (image is not None) != has_image:
+            raise SourceError(f"ingest: item {key}: image {path} changed while ingest ran (rerun ingest)")
+        if data and size + len(image or b"") > max_bytes:
+            yield _image_table(idx, data)
+            idx, data, size = [], [], 0
+        idx.append(item_idx)
+        data.append(image)
+        size += len(image or b"")
+        progress.update(1)
+    if data:
+        yield _image_table(idx, data)
+    progress.close()
+
+
+def _image_table(idx: list[int], data: list[bytes | None]) -> pa.Table:
+    return pa.table({"item_idx": pa.array(idx, pa.int32()), "image": pa.array(data, pa.binary())}, schema=schema.IMAGES)
 
 
 def _read_image(
@@ -252,13 +303,15 @@ def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
     if inter.is_empty():
         raise SourceError(nothing_left(rows_read, dropped, rules))
     seqs, popularity = split(inter)
-    images, has_image = pack_images(items, rules, raw.image_roots, dropped)
+    roots = tuple(root.absolute() for root in raw.image_roots)
+    has_image = pl.Series("has_image", check_images(items, rules, roots, dropped), pl.Boolean)
+    images = ImageSource(items.select("item_idx", *IMAGE_COLUMNS).with_columns(has_image), rules, roots)
     items = items.drop("image_refused")
     items = items.with_columns(
         pl.col("title").fill_null(""),
         pl.col("text").fill_null(""),
         pl.coalesce("image_path", "image_url").alias("image_ref"),
-        pl.Series("has_image", has_image),
+        has_image,
     )
     dropped["empty_text"] += items.filter(pl.col("text").str.strip_chars() == "").height
     dropped["empty_title_and_text"] += items.filter((pl.col("text") + pl.col("title")).str.strip_chars() == "").height
@@ -269,7 +322,7 @@ def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
         "items": items.height,
         "interactions": inter.height,
         "train_interactions": int(seqs["train_items"].list.len().sum()),
-        "items_with_image": int(sum(has_image)),
+        "items_with_image": int(has_image.sum()),
         "counts": dict(sorted(dropped.items())),
     }
     if raw.bad_values:
@@ -278,9 +331,15 @@ def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
     return Ingested(items, images, inter, seqs, popularity, report)
 
 
-def write(result: Ingested, out_dir: Path, report_path: Path, provenance: dict) -> None:
+def write(
+    result: Ingested, out_dir: Path, report_path: Path, provenance: dict, image_row_group_bytes: int = IMAGE_ROW_GROUP_BYTES
+) -> None:
+    """The tables and the report; images.parquet is written one row group at a time as the files
+    are read (at most `image_row_group_bytes` of images each)."""
     write_table(result.items.to_arrow(), out_dir / "items.parquet", schema.ITEMS, provenance)
-    write_table(result.images, out_dir / "images.parquet", schema.IMAGES, provenance)
+    with parquet_writer(out_dir / "images.parquet", schema.IMAGES, provenance) as writer:
+        for group in image_row_groups(result.images, image_row_group_bytes):
+            writer.write_table(group)
     write_table(result.interactions.to_arrow(), out_dir / "interactions.parquet", schema.INTERACTIONS, provenance)
     write_table(result.sequences.to_arrow(), out_dir / "sequences.parquet", schema.SEQUENCES, provenance)
     write_table(result.popularity.to_arrow(), out_dir / "popularity.parquet", schema.POPULARITY, provenance)
