@@ -113,22 +113,37 @@ def natural_order(keys: pl.Series) -> pl.Series:
     return by.rank(method="dense").cast(pl.Int64)
 
 
+def key_codes(keys: pl.Series) -> pl.Series:
+    """An integer per distinct key (a categorical's codes: hashed once, no sort of the strings)."""
+    return keys.cast(pl.Categorical).to_physical()
+
+
 def clean(raw: RawSource, rules: SplitRules) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
-    """Steps 1-4: returns (items with item_idx, interactions with user/item idx), drop counts."""
+    """Steps 1-4: returns (items with item_idx, interactions with user/item idx), drop counts.
+
+    From the first step on the interactions carry integer codes, not their string keys (those are
+    kept once per user and per item), and no step keeps the input order: a sort by (user,
+    timestamp, item) sets it. So the cleaning's memory stays near the size of the integer table,
+    not of the raw strings (64-hex user ids: 80 bytes a row)."""
     dropped = Counter(raw.dropped)
     inter = raw.interactions
     n = inter.height
     inter = inter.drop_nulls()
     dropped["missing_value"] += n - inter.height
+    keys = inter
+    inter = pl.DataFrame({"user": key_codes(keys["user_key"]), "item": key_codes(keys["item_key"]), "timestamp": keys["timestamp"]})
+    users = pl.DataFrame({"user": inter["user"], "user_key": keys["user_key"]}).unique("user")
+    item_codes = pl.DataFrame({"item": inter["item"], "item_key": keys["item_key"]}).unique("item")  # unknown keys too
+    del keys
     n = inter.height
-    inter = inter.unique(maintain_order=True)
+    inter = inter.sort(["user", "timestamp", "item"])  # duplicates side by side: a hashed unique() holds far more
+    inter = inter.filter(pl.any_horizontal(pl.all().ne_missing(pl.all().shift(1))))
     dropped["duplicate"] += n - inter.height
 
     if rules.sample_users is not None:
-        first = inter.select(pl.col("user_key").unique())
-        first = first.filter(natural_order(first["user_key"]) <= rules.sample_users)
+        sampled = users.filter(natural_order(users["user_key"]) <= rules.sample_users)
         n = inter.height
-        inter = inter.join(first, on="user_key", how="semi")
+        inter = inter.join(sampled, on="user", how="semi")
         dropped["not_sampled"] += n - inter.height
 
     items = raw.items.filter(pl.col("item_key").is_not_null())
@@ -136,33 +151,33 @@ def clean(raw: RawSource, rules: SplitRules) -> tuple[pl.DataFrame, pl.DataFrame
     items = items.unique("item_key", keep="first", maintain_order=True)
     dropped["duplicate_item"] += n - items.height
 
+    rank = items.select("item_key", natural_order(items["item_key"]).alias("key_rank"))
     n = inter.height
-    inter = inter.join(items.select("item_key"), on="item_key", how="semi")
+    inter = inter.join(item_codes.join(rank, on="item_key").drop("item_key"), on="item").drop("item")
     dropped["unknown_item"] += n - inter.height
 
-    rank = items.select("item_key", natural_order(items["item_key"]).alias("key_rank"))
-    inter = inter.join(rank, on="item_key").sort(["user_key", "timestamp", "key_rank"])
-    counts = inter.group_by("user_key").len()
+    inter = inter.sort(["user", "timestamp", "key_rank"])
+    counts = inter.group_by("user").len()
     short = counts.filter(pl.col("len") < rules.min_user_interactions)
     dropped["short_user"] += int(short["len"].sum() or 0)
     dropped["short_user_users"] += short.height
-    inter = inter.join(short.select("user_key"), on="user_key", how="anti")
+    inter = inter.join(short, on="user", how="anti")
     n = inter.height
-    from_end = pl.len().over("user_key").cast(pl.Int64) - pl.int_range(pl.len()).over("user_key")  # 1 = last
+    from_end = pl.len().over("user").cast(pl.Int64) - pl.int_range(pl.len()).over("user")  # 1 = last
     inter = inter.filter(from_end <= rules.max_user_interactions)
     dropped["truncated"] += n - inter.height
 
-    used = items.join(inter.select("item_key").unique(), on="item_key", how="semi")
+    used = items.join(rank, on="item_key").join(inter.select("key_rank").unique(), on="key_rank", how="semi")
     dropped["unused_item"] += items.height - used.height
-    items = used.join(rank, on="item_key").sort("key_rank").with_row_index("item_idx", offset=1)
-    users = inter.select("user_key").unique()
-    users = users.with_columns(natural_order(users["user_key"]).alias("user_rank")).sort("user_rank")
-    users = users.with_row_index("user_idx").drop("user_rank")
+    items = used.sort("key_rank").with_row_index("item_idx", offset=1)
+    users = users.join(inter.select("user").unique(), on="user", how="semi")
+    users = users.with_columns(natural_order(users["user_key"]).alias("order")).sort("order")  # of the kept keys
+    users = users.with_row_index("user_idx").drop("order")
     inter = (
-        inter.join(items.select("item_key", "item_idx"), on="item_key")
-        .join(users, on="user_key")
-        .sort(["user_idx", "timestamp", "key_rank"])
-        .with_columns(pl.int_range(pl.len()).over("user_idx").alias("position"))
+        inter.join(items.select("key_rank", "item_idx"), on="key_rank")
+        .join(users, on="user")
+        .sort(["user_idx", "timestamp", "item_idx"])  # item_idx runs in key order
+        .select("user_idx", "user_key", "item_idx", "timestamp", pl.int_range(pl.len()).over("user_idx").alias("position"))
     )
     return items.drop("key_rank"), inter, dropped
 
