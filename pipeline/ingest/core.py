@@ -351,11 +351,16 @@ def write(
 ) -> None:
     """The tables and the report; images.parquet is written one row group at a time as the files
     are read (at most `image_row_group_bytes` of images each)."""
-    write_table(result.items.to_arrow(), out_dir / "items.parquet", schema.ITEMS, provenance)
+    _write_frame(result.items, out_dir / "items.parquet", schema.ITEMS, provenance)
     with parquet_writer(out_dir / "images.parquet", schema.IMAGES, provenance) as writer:
         for group in image_row_groups(result.images, image_row_group_bytes):
             writer.write_table(group)
-    write_table(result.interactions.to_arrow(), out_dir / "interactions.parquet", schema.INTERACTIONS, provenance)
-    write_table(result.sequences.to_arrow(), out_dir / "sequences.parquet", schema.SEQUENCES, provenance)
-    write_table(result.popularity.to_arrow(), out_dir / "popularity.parquet", schema.POPULARITY, provenance)
+    _write_frame(result.interactions, out_dir / "interactions.parquet", schema.INTERACTIONS, provenance)
+    _write_frame(result.sequences, out_dir / "sequences.parquet", schema.SEQUENCES, provenance)
+    _write_frame(result.popularity, out_dir / "popularity.parquet", schema.POPULARITY, provenance)
     write_json(result.report, report_path)
+
+
+def _write_frame(frame: pl.DataFrame, path: Path, table_schema: pa.Schema, provenance: dict) -> None:
+    """Only the schema's columns go to Arrow (the interactions' user keys would be copied, 1 GB at L)."""
+    write_table(frame.select(table_schema.names).to_arrow(), path, table_schema, provenance)
