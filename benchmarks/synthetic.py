@@ -6,8 +6,9 @@
 writes OUT_DIR/interactions.csv (user_id, item_id, timestamp), OUT_DIR/items.csv (item_id, title,
 description, image) and OUT_DIR/images/{item_id}.jpg, and prints the params that point the
 `generic` adapter at it. The same seed gives byte-identical files. Item popularity follows a
-power law (Zipf exponent `--zipf`), every item is bought at least once (so ingest keeps the whole
-catalogue), every user has 5-15 purchases with increasing timestamps. Images are small smooth
+power law (Zipf exponent `--zipf`), every item is bought at least once (ingest keeps nearly the whole
+catalogue: ~0.1-2% of the items are bought only in purchases its last-15 rule cuts), every user has 5-60 purchases (15 on average, skewed: ingest keeps each user's last
+15) with increasing timestamps, and users have 64-hex ids (as H&M's customers). Images are small smooth
 colour JPEGs (coarse noise scaled up) unique per item; texts are a few words of a small
 vocabulary. The functions (`item_text`, `item_image`, `catalogue`, `write`) are importable, e.g.
 to add items to a catalogue for an incremental benchmark.
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SIZES = {"S": (2_000, 1_000), "M": (20_000, 10_000), "L": (200_000, 100_000)}  # items, users
+# items, users (interactions: 15 per user on average): the sizes of issue #9
+SIZES = {"S": (5_000, 20_000), "M": (50_000, 200_000), "L": (100_000, 1_000_000)}
 WORDS = ("red blue green black white small large cotton wool steel wooden classic modern soft "
          "light heavy summer winter kitchen garden office travel sport kids home lamp chair mug "
          "shirt bag shoe table pen notebook bottle jacket scarf watch").split()
@@ -50,7 +52,7 @@ def item_image(item: int, px: int = 64, seed: int = 0) -> bytes:
 def catalogue(items: int, users: int, zipf: float = 1.1, seed: int = 0) -> np.ndarray:
     """Purchases as rows (user, item, timestamp), users 1..U and items 1..N (1-based)."""
     rng = np.random.default_rng([seed, 0])
-    lengths = rng.integers(5, 16, users)  # 5-15: ingest keeps the last 15, so no purchase is cut
+    lengths = 4 + np.minimum(rng.geometric(1 / 11, users), 56)  # 5-60, mean ~15
     weights = 1.0 / np.arange(1, items + 1) ** zipf
     order = rng.permutation(items) + 1  # which item has which popularity rank
     drawn = order[rng.choice(items, int(lengths.sum()), p=weights / weights.sum())]
@@ -62,6 +64,12 @@ def catalogue(items: int, users: int, zipf: float = 1.1, seed: int = 0) -> np.nd
     return np.stack([user, drawn, timestamp], axis=1)
 
 
+def user_ids(users: int, seed: int = 0) -> list[str]:
+    """64-hex ids of users 1..U (distinct, as long as H&M's customer ids)."""
+    raw = np.random.default_rng([seed, 3]).bytes(32 * users)
+    return [raw[i : i + 32].hex() for i in range(0, 32 * users, 32)]
+
+
 def write(out: str | Path, items: int, users: int, image_px: int = 64, zipf: float = 1.1, seed: int = 0) -> Path:
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -70,7 +78,8 @@ def write(out: str | Path, items: int, users: int, image_px: int = 64, zipf: flo
     with (out / "interactions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["user_id", "item_id", "timestamp"])
-        writer.writerows((f"u{u}", f"i{i}", t) for u, i, t in catalogue(items, users, zipf, seed).tolist())
+        ids = user_ids(users, seed)
+        writer.writerows((ids[u - 1], f"i{i}", t) for u, i, t in catalogue(items, users, zipf, seed).tolist())
     with (out / "items.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["item_id", "title", "description", "image"])
@@ -83,7 +92,7 @@ def write(out: str | Path, items: int, users: int, image_px: int = 64, zipf: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
-    parser.add_argument("--size", choices=sorted(SIZES), help="S (2k items), M (20k), L (200k)")
+    parser.add_argument("--size", choices=sorted(SIZES), help="S (5k items, 20k users), M (50k, 200k), L (100k, 1M)")
     parser.add_argument("--items", type=int)
     parser.add_argument("--users", type=int)
     parser.add_argument("--image-px", type=int, default=64)

@@ -36,7 +36,7 @@ def with_value(frame: pl.DataFrame, column: str, index: int, value: str) -> pl.D
 
 def image_of(result, key: str) -> bytes | None:
     idx = result.items.filter(pl.col("item_key") == key)["item_idx"][0]
-    images = pl.from_arrow(result.images)
+    images = pl.from_arrow(result.images.table())
     return images.filter(pl.col("item_idx") == idx)["image"][0]
 
 

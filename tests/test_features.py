@@ -32,7 +32,7 @@ from pipeline.features.efficientnet_lite import remap_by_position
 from pipeline.features.image import ImageEncoder, ImageFeaturesConfig, decode_image, extract_image_features
 from pipeline.features.store import load_token_features
 from pipeline.features.text import TextEncoder, TextFeaturesConfig, extract_text_features
-from pipeline.io import read_metadata, write_table
+from pipeline.io import parquet_writer, read_metadata, write_table
 
 WORDS = "the a of and toy story cowboy doll space ranger hello world movie dark night".split()
 ITEMS = [  # (title, text)
@@ -398,6 +398,23 @@ def test_changing_the_encoder_or_its_preprocessing_invalidates_the_cache(tmp_pat
         parts = set(cache.glob("part-*.parquet"))
         assert parts and not parts & old_parts, change  # the old encoder's entries are deleted
         old_parts = parts
+
+
+def test_images_in_many_small_row_groups_give_the_same_features(tmp_path, tiny_cnn):
+    """Ingest writes images.parquet in row groups of bounded bytes, not aligned with chunk_size:
+    the stage streams across them and writes what it writes from one row group."""
+    rng = np.random.default_rng(4)
+    blobs = [encode(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "JPEG") for _ in range(7)]
+    one = write_images(tmp_path / "one.parquet", [*blobs, None])
+    table = pq.read_table(one)
+    with parquet_writer(tmp_path / "many.parquet", schema.IMAGES) as writer:
+        for start in range(0, table.num_rows, 3):
+            writer.write_table(table.slice(start, 3))
+    assert pq.ParquetFile(tmp_path / "many.parquet").num_row_groups == 3
+    config = ImageFeaturesConfig(model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=2, chunk_size=4, num_workers=0)
+    extract_image_features(config, one, tmp_path / "a.parquet")
+    extract_image_features(config, tmp_path / "many.parquet", tmp_path / "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])

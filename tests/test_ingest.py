@@ -120,6 +120,27 @@ def test_movielens_adapter_end_to_end(movielens: Path, tmp_path: Path):
     assert read_metadata(tmp_path / "out" / "sequences.parquet") == {"source": "test"}
 
 
+def test_images_are_written_in_row_groups_of_bounded_bytes(movielens: Path, tmp_path: Path):
+    result = ingest(read_movielens_mm(movielens, MovielensOptions()), SplitRules())
+    whole = result.images.table()
+    bound = 2 * len(jpeg())  # two images per row group
+    write(result, tmp_path / "out", tmp_path / "report.json", {"source": "test"}, image_row_group_bytes=bound)
+    file = pq.ParquetFile(tmp_path / "out" / "images.parquet")
+    groups = [file.read_row_group(i) for i in range(file.num_row_groups)]
+    assert [g.num_rows for g in groups] == [2, 5]  # items 5-7 have no image: no bytes
+    assert all(sum(len(b or b"") for b in g["image"].to_pylist()) <= bound for g in groups)
+    assert file.read().equals(whole.cast(file.schema_arrow))
+    assert file.schema_arrow.equals(schema.IMAGES) and read_metadata(tmp_path / "out" / "images.parquet") == {"source": "test"}
+
+
+def test_an_image_changed_during_ingest_stops_the_write(movielens: Path, tmp_path: Path):
+    result = ingest(read_movielens_mm(movielens, MovielensOptions()), SplitRules())
+    (movielens / "posters" / "2.jpg").write_bytes(b"broken now")
+    with pytest.raises(SourceError, match="2.jpg changed while ingest ran"):
+        write(result, tmp_path / "out", tmp_path / "report.json", {"source": "test"})
+    assert not (tmp_path / "out" / "images.parquet").exists()  # atomic: no half-written file
+
+
 def test_movielens_missing_column_names_file_and_column(movielens: Path):
     (movielens / "ratings.csv").write_text("user_id,item,unix_timestamp\n1,2,3\n")
     with pytest.raises(SourceError, match=r"ratings.csv: missing column\(s\) \['movie_id'\]"):

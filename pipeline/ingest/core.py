@@ -14,7 +14,11 @@ Rules, in order (each dropped row is counted by reason in the report):
 5. Leave-one-out: test = last item, valid = second to last, train = the rest. Popularity is
    counted over train items only.
 Items keep a missing text or image: their features are zero and flagged (`present` false);
-the counts appear in the report. Image files are packed into Parquet as encoded bytes.
+the counts appear in the report. Image files are packed into Parquet as encoded bytes, streamed:
+`ingest` checks every file (bytes read, header checked, bytes let go) and `write` reads the kept
+ones again into row groups of at most IMAGE_ROW_GROUP_BYTES, so no more than one row group of
+image bytes is ever held (the second read costs I/O, not memory; small files come from the page
+cache).
 
 Bad input never stops ingest row by row. Rows with an unreadable value (a timestamp that is no
 time, an id of the wrong type) were dropped by the adapter; they are counted (`bad_timestamp`,
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +43,7 @@ from PIL import Image
 
 from .. import schema
 from ..images import MAX_PIXELS, ImageRefused, open_image
-from ..io import write_json, write_table
+from ..io import parquet_writer, write_json, write_table
 from ..progress import Progress, log
 from .adapters.base import BadValues, RawSource, SourceError
 
@@ -52,6 +57,10 @@ IMAGE_PROBLEMS = (
     "image_bomb",
 )
 MAX_LOGGED_PROBLEMS = 20
+IMAGE_COLUMNS = ("item_key", "image_path", "image_url", "image_refused")
+# Image bytes per row group of images.parquet: ingest holds one row group at a time, and the
+# image feature stage reads one at a time (real product photos: ~400 per group at 150 KB each).
+IMAGE_ROW_GROUP_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,24 @@ class SplitRules:
             raise ValueError(f"max_bad_fraction must be in 0..1, got {self.max_bad_fraction}")
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Where each kept item's image file is (items: item_idx, IMAGE_COLUMNS, has_image): read
+    file by file when images.parquet is written (`image_row_groups`), never all at once."""
+
+    items: pl.DataFrame
+    rules: SplitRules
+    roots: tuple[Path, ...]
+
+    def table(self) -> pa.Table:
+        """Every image at once: for small catalogues and tests (the stage streams them)."""
+        return pa.concat_tables(image_row_groups(self))
+
+
 @dataclass
 class Ingested:
     items: pl.DataFrame
-    images: pa.Table
+    images: ImageSource
     interactions: pl.DataFrame
     sequences: pl.DataFrame
     popularity: pl.DataFrame
@@ -90,22 +113,37 @@ def natural_order(keys: pl.Series) -> pl.Series:
     return by.rank(method="dense").cast(pl.Int64)
 
 
+def key_codes(keys: pl.Series) -> pl.Series:
+    """An integer per distinct key (a categorical's codes: hashed once, no sort of the strings)."""
+    return keys.cast(pl.Categorical).to_physical()
+
+
 def clean(raw: RawSource, rules: SplitRules) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
-    """Steps 1-4: returns (items with item_idx, interactions with user/item idx), drop counts."""
+    """Steps 1-4: returns (items with item_idx, interactions with user/item idx), drop counts.
+
+    From the first step on the interactions carry integer codes, not their string keys (those are
+    kept once per user and per item), and no step keeps the input order: a sort by (user,
+    timestamp, item) sets it. So the cleaning's memory stays near the size of the integer table,
+    not of the raw strings (64-hex user ids: 80 bytes a row)."""
     dropped = Counter(raw.dropped)
     inter = raw.interactions
     n = inter.height
     inter = inter.drop_nulls()
     dropped["missing_value"] += n - inter.height
+    keys = inter
+    inter = pl.DataFrame({"user": key_codes(keys["user_key"]), "item": key_codes(keys["item_key"]), "timestamp": keys["timestamp"]})
+    users = pl.DataFrame({"user": inter["user"], "user_key": keys["user_key"]}).unique("user")
+    item_codes = pl.DataFrame({"item": inter["item"], "item_key": keys["item_key"]}).unique("item")  # unknown keys too
+    del keys
     n = inter.height
-    inter = inter.unique(maintain_order=True)
+    inter = inter.sort(["user", "timestamp", "item"])  # duplicates side by side: a hashed unique() holds far more
+    inter = inter.filter(pl.any_horizontal(pl.all().ne_missing(pl.all().shift(1))))
     dropped["duplicate"] += n - inter.height
 
     if rules.sample_users is not None:
-        first = inter.select(pl.col("user_key").unique())
-        first = first.filter(natural_order(first["user_key"]) <= rules.sample_users)
+        sampled = users.filter(natural_order(users["user_key"]) <= rules.sample_users)
         n = inter.height
-        inter = inter.join(first, on="user_key", how="semi")
+        inter = inter.join(sampled, on="user", how="semi")
         dropped["not_sampled"] += n - inter.height
 
     items = raw.items.filter(pl.col("item_key").is_not_null())
@@ -113,33 +151,33 @@ def clean(raw: RawSource, rules: SplitRules) -> tuple[pl.DataFrame, pl.DataFrame
     items = items.unique("item_key", keep="first", maintain_order=True)
     dropped["duplicate_item"] += n - items.height
 
+    rank = items.select("item_key", natural_order(items["item_key"]).alias("key_rank"))
     n = inter.height
-    inter = inter.join(items.select("item_key"), on="item_key", how="semi")
+    inter = inter.join(item_codes.join(rank, on="item_key").drop("item_key"), on="item").drop("item")
     dropped["unknown_item"] += n - inter.height
 
-    rank = items.select("item_key", natural_order(items["item_key"]).alias("key_rank"))
-    inter = inter.join(rank, on="item_key").sort(["user_key", "timestamp", "key_rank"])
-    counts = inter.group_by("user_key").len()
+    inter = inter.sort(["user", "timestamp", "key_rank"])
+    counts = inter.group_by("user").len()
     short = counts.filter(pl.col("len") < rules.min_user_interactions)
     dropped["short_user"] += int(short["len"].sum() or 0)
     dropped["short_user_users"] += short.height
-    inter = inter.join(short.select("user_key"), on="user_key", how="anti")
+    inter = inter.join(short, on="user", how="anti")
     n = inter.height
-    from_end = pl.len().over("user_key").cast(pl.Int64) - pl.int_range(pl.len()).over("user_key")  # 1 = last
+    from_end = pl.len().over("user").cast(pl.Int64) - pl.int_range(pl.len()).over("user")  # 1 = last
     inter = inter.filter(from_end <= rules.max_user_interactions)
     dropped["truncated"] += n - inter.height
 
-    used = items.join(inter.select("item_key").unique(), on="item_key", how="semi")
+    used = items.join(rank, on="item_key").join(inter.select("key_rank").unique(), on="key_rank", how="semi")
     dropped["unused_item"] += items.height - used.height
-    items = used.join(rank, on="item_key").sort("key_rank").with_row_index("item_idx", offset=1)
-    users = inter.select("user_key").unique()
-    users = users.with_columns(natural_order(users["user_key"]).alias("user_rank")).sort("user_rank")
-    users = users.with_row_index("user_idx").drop("user_rank")
+    items = used.sort("key_rank").with_row_index("item_idx", offset=1)
+    users = users.join(inter.select("user").unique(), on="user", how="semi")
+    users = users.with_columns(natural_order(users["user_key"]).alias("order")).sort("order")  # of the kept keys
+    users = users.with_row_index("user_idx").drop("order")
     inter = (
-        inter.join(items.select("item_key", "item_idx"), on="item_key")
-        .join(users, on="user_key")
-        .sort(["user_idx", "timestamp", "key_rank"])
-        .with_columns(pl.int_range(pl.len()).over("user_idx").alias("position"))
+        inter.join(items.select("key_rank", "item_idx"), on="key_rank")
+        .join(users, on="user")
+        .sort(["user_idx", "timestamp", "item_idx"])  # item_idx runs in key order
+        .select("user_idx", "user_key", "item_idx", "timestamp", pl.int_range(pl.len()).over("user_idx").alias("position"))
     )
     return items.drop("key_rank"), inter, dropped
 
@@ -163,22 +201,50 @@ def split(inter: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return seqs, popularity
 
 
-def pack_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...], dropped: Counter) -> tuple[pa.Table, list[bool]]:
-    """Read each item's local image file into bytes; refused, missing or unreadable ones are counted."""
-    data: list[bytes | None] = []
-    roots = tuple(root.absolute() for root in roots)
-    progress = Progress("ingest: packing images", total=items.height)
-    for key, path, url, refused in items.select("item_key", "image_path", "image_url", "image_refused").iter_rows():
+def check_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...], dropped: Counter) -> list[bool]:
+    """Whether each item's local image file is kept; refused, missing or unreadable ones are counted.
+    The bytes are read to check them and let go: `image_row_groups` reads them again to write them."""
+    kept = []
+    progress = Progress("ingest: checking images", total=items.height)
+    for key, path, url, refused in items.select(*IMAGE_COLUMNS).iter_rows():
         image, problem = _read_image(path, url, refused, rules, roots)
         if problem:
             dropped[problem] += 1
             if problem in IMAGE_PROBLEMS and sum(dropped[p] for p in IMAGE_PROBLEMS) <= MAX_LOGGED_PROBLEMS:
                 log.warning("ingest: item %s: %s (%s)", key, problem, path)
-        data.append(image)
+        kept.append(image is not None)
         progress.update(1)
     progress.close()
-    table = pa.table({"item_idx": pa.array(items["item_idx"].to_numpy(), pa.int32()), "image": pa.array(data, pa.binary())})
-    return table, [d is not None for d in data]
+    return kept
+
+
+def image_row_groups(images: ImageSource, max_bytes: int = IMAGE_ROW_GROUP_BYTES) -> Iterator[pa.Table]:
+    """The IMAGES table in row groups of at most `max_bytes` of image data (or one image, when
+    larger), read file by file as it goes. An image whose check comes out differently than in
+    `check_images` (the file changed during ingest) stops ingest: the items' `has_image` would lie."""
+    progress = Progress("ingest: packing images", total=images.items.height)
+    idx: list[int] = []
+    data: list[bytes | None] = []
+    size = 0
+    rows = images.items.select("item_idx", *IMAGE_COLUMNS, "has_image").iter_rows()
+    for item_idx, key, path, url, refused, has_image in rows:
+        image, _ = _read_image(path, url, refused, images.rules, images.roots)
+        if (image is not None) != has_image:
+            raise SourceError(f"ingest: item {key}: image {path} changed while ingest ran (rerun ingest)")
+        if data and size + len(image or b"") > max_bytes:
+            yield _image_table(idx, data)
+            idx, data, size = [], [], 0
+        idx.append(item_idx)
+        data.append(image)
+        size += len(image or b"")
+        progress.update(1)
+    if data:
+        yield _image_table(idx, data)
+    progress.close()
+
+
+def _image_table(idx: list[int], data: list[bytes | None]) -> pa.Table:
+    return pa.table({"item_idx": pa.array(idx, pa.int32()), "image": pa.array(data, pa.binary())}, schema=schema.IMAGES)
 
 
 def _read_image(
@@ -252,13 +318,15 @@ def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
     if inter.is_empty():
         raise SourceError(nothing_left(rows_read, dropped, rules))
     seqs, popularity = split(inter)
-    images, has_image = pack_images(items, rules, raw.image_roots, dropped)
+    roots = tuple(root.absolute() for root in raw.image_roots)
+    has_image = pl.Series("has_image", check_images(items, rules, roots, dropped), pl.Boolean)
+    images = ImageSource(items.select("item_idx", *IMAGE_COLUMNS).with_columns(has_image), rules, roots)
     items = items.drop("image_refused")
     items = items.with_columns(
         pl.col("title").fill_null(""),
         pl.col("text").fill_null(""),
         pl.coalesce("image_path", "image_url").alias("image_ref"),
-        pl.Series("has_image", has_image),
+        has_image,
     )
     dropped["empty_text"] += items.filter(pl.col("text").str.strip_chars() == "").height
     dropped["empty_title_and_text"] += items.filter((pl.col("text") + pl.col("title")).str.strip_chars() == "").height
@@ -269,7 +337,7 @@ def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
         "items": items.height,
         "interactions": inter.height,
         "train_interactions": int(seqs["train_items"].list.len().sum()),
-        "items_with_image": int(sum(has_image)),
+        "items_with_image": int(has_image.sum()),
         "counts": dict(sorted(dropped.items())),
     }
     if raw.bad_values:
@@ -278,10 +346,21 @@ def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
     return Ingested(items, images, inter, seqs, popularity, report)
 
 
-def write(result: Ingested, out_dir: Path, report_path: Path, provenance: dict) -> None:
-    write_table(result.items.to_arrow(), out_dir / "items.parquet", schema.ITEMS, provenance)
-    write_table(result.images, out_dir / "images.parquet", schema.IMAGES, provenance)
-    write_table(result.interactions.to_arrow(), out_dir / "interactions.parquet", schema.INTERACTIONS, provenance)
-    write_table(result.sequences.to_arrow(), out_dir / "sequences.parquet", schema.SEQUENCES, provenance)
-    write_table(result.popularity.to_arrow(), out_dir / "popularity.parquet", schema.POPULARITY, provenance)
+def write(
+    result: Ingested, out_dir: Path, report_path: Path, provenance: dict, image_row_group_bytes: int = IMAGE_ROW_GROUP_BYTES
+) -> None:
+    """The tables and the report; images.parquet is written one row group at a time as the files
+    are read (at most `image_row_group_bytes` of images each)."""
+    _write_frame(result.items, out_dir / "items.parquet", schema.ITEMS, provenance)
+    with parquet_writer(out_dir / "images.parquet", schema.IMAGES, provenance) as writer:
+        for group in image_row_groups(result.images, image_row_group_bytes):
+            writer.write_table(group)
+    _write_frame(result.interactions, out_dir / "interactions.parquet", schema.INTERACTIONS, provenance)
+    _write_frame(result.sequences, out_dir / "sequences.parquet", schema.SEQUENCES, provenance)
+    _write_frame(result.popularity, out_dir / "popularity.parquet", schema.POPULARITY, provenance)
     write_json(result.report, report_path)
+
+
+def _write_frame(frame: pl.DataFrame, path: Path, table_schema: pa.Schema, provenance: dict) -> None:
+    """Only the schema's columns go to Arrow (the interactions' user keys would be copied, 1 GB at L)."""
+    write_table(frame.select(table_schema.names).to_arrow(), path, table_schema, provenance)
