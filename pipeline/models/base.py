@@ -27,6 +27,7 @@ class SequentialRecommender(nn.Module):
 
         ``item_vectors``: this model's item_vectors(), when the caller already has them (scoring
         and evaluation do): a model that builds users from its item vectors gathers them from
-        this table instead of encoding the sequences' items again, with the same numbers. A
-        model whose user side does not read item vectors ignores it."""
+        this table instead of encoding the sequences' items again (the same numbers to float32
+        rounding: see users_from_item_table in odmt.py). A model whose user side does not read
+        item vectors ignores it."""
         raise NotImplementedError
