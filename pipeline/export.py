@@ -28,47 +28,18 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import torch
-from torch import nn
 
 from pipeline.config import to_dict
 from pipeline.io import atomic_path, write_table
 from pipeline.models.base import SequentialRecommender
-from pipeline.models.odmt import fit_left
+from pipeline.models.odmt import UserEncoder
 from pipeline.scoring import IndexConfig, build_index
 
 ITEMS_FILE, INDEX_FILE, ENCODER_FILE = "items.parquet", "index.faiss", "user_encoder.pt2"
 
 
-class UserEncoder(nn.Module):
-    """A trained model's user side over a fixed item table: user_vectors(sequences) of the
-    model, computed from precomputed item vectors instead of the item encoder (the same
-    numbers: each item's vectors depend on that item only).
-
-    The recommend stage and the exported program both run this module, so the two agree.
-    """
-
-    def __init__(self, model: SequentialRecommender, max_len: int):
-        super().__init__()
-        if not hasattr(model, "encoders"):
-            raise TypeError(f"{type(model).__name__} has no per-branch sequence encoders to export")
-        with torch.inference_mode():
-            table = model.item_vectors().float().cpu()
-        self.branches, self.branch_dim, self.max_len = len(model.branches), model.branch_dim, max_len
-        self.register_buffer("item_table", table.clone())  # (N+1, B*d); row 0 = padding
-        self.encoders = model.encoders
-
-    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
-        """(U, L) left-padded item indices -> (U, B*d) user vectors (fused-score scale)."""
-        sequences = fit_left(sequences.long(), self.max_len)
-        real = sequences != 0
-        vectors = self.item_table[sequences] * real[..., None]  # (U, L, B*d)
-        users, length = sequences.shape
-        per_branch = vectors.view(users, length, self.branches, self.branch_dim).permute(2, 0, 1, 3)
-        states = [encoder(per_branch[b], real)[:, -1] for b, encoder in enumerate(self.encoders)]
-        return torch.cat(states, dim=1) / self.branches
-
-
 def user_encoder(model: SequentialRecommender, max_len: int) -> UserEncoder:
+    """The model's user side over its item table, on the CPU, for export and the recommend stage."""
     return UserEncoder(model, max_len).cpu().eval()
 
 

@@ -5,8 +5,8 @@ the opposite: each user's state after everything they did (train + valid + test 
 last max_len as the model's input), and the top K items they have not had yet (history
 exclusion is a param), keyed by the source's own user and item keys.
 
-Users are encoded and searched in bounded blocks (`user_block_size`) by the user encoder of
-export.py against the run's exported FAISS index, so the stage, a service holding the export,
+Users are encoded and searched in bounded blocks (`user_block_size`) by the UserEncoder that
+export.py exports, against the run's exported FAISS index, so the stage, a service holding the export,
 and `--histories` (new users, no retraining) compute the same thing.
 
 One user, in the terminal and optionally as a poster page:
@@ -30,11 +30,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import load_section, to_dict
-from pipeline.export import UserEncoder
 from pipeline.ingest.adapters.base import read_table, require_columns
 from pipeline.ingest.adapters.generic import unix_seconds
 from pipeline.ingest.core import natural_order
 from pipeline.io import parquet_writer
+from pipeline.models.odmt import UserEncoder
 from pipeline.progress import Progress, log, setup_logging
 from pipeline.scoring import IndexConfig, _ragged, available_cpus, left_pad, search_unseen
 

@@ -232,20 +232,21 @@ def ranking_columns(model: SequentialRecommender) -> dict[str, tuple[slice, floa
 
 
 @torch.inference_mode()
-def item_matrix(model: SequentialRecommender) -> np.ndarray:
-    """(N, B*d) float32 item vectors, padding row dropped (FAISS row r = item r + 1)."""
+def catalogue_vectors(model: SequentialRecommender) -> torch.Tensor:
+    """(N+1, B*d) item vectors of the whole catalogue (row 0 = padding), encoded once: the
+    indexes are built from them and user vectors gather their items from them."""
     vectors = model.item_vectors()
     expected = len(model.branches) * model.branch_dim
     if vectors.ndim != 2 or vectors.shape[1] != expected:
         raise ValueError(f"{type(model).__name__}.item_vectors(): expected shape (N+1, {expected}), got {tuple(vectors.shape)}")
-    return vectors[1:].float().cpu().numpy()
+    return vectors.detach()  # a model may hand out its parameter itself
 
 
 @torch.inference_mode()
-def user_matrix(model: SequentialRecommender, histories: list[np.ndarray], max_len: int) -> np.ndarray:
-    device = next(model.parameters(), torch.empty(0)).device
-    inputs = left_pad(histories, max_len).to(device)
-    return model.user_vectors(inputs).float().cpu().numpy()
+def user_matrix(model: SequentialRecommender, histories: list[np.ndarray], max_len: int, item_vectors: torch.Tensor) -> np.ndarray:
+    """(U, B*d) float32 user vectors, their items gathered from ``item_vectors`` (catalogue_vectors)."""
+    inputs = left_pad(histories, max_len).to(item_vectors.device)
+    return model.user_vectors(inputs, item_vectors).float().cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -257,9 +258,10 @@ class Indexes:
     gpu: bool
 
 
-def build_indexes(model: SequentialRecommender, config: ScoreConfig) -> Indexes:
+def build_indexes(model: SequentialRecommender, item_vectors: torch.Tensor, config: ScoreConfig) -> Indexes:
+    """The indexes over ``item_vectors`` (catalogue_vectors), padding row dropped: FAISS row r = item r + 1."""
     gpu = use_gpu(config.device)
-    items = item_matrix(model)
+    items = item_vectors[1:].float().cpu().numpy()
     columns = ranking_columns(model)
     searched = {name: build_index(items[:, cols], config.index, gpu) for name, (cols, _) in columns.items()}
     exact = None
@@ -274,13 +276,15 @@ def score_split(
     model: SequentialRecommender,
     users: SplitUsers,
     max_len: int,
+    item_vectors: torch.Tensor,
     indexes: Indexes,
     config: ScoreConfig,
     path: Path,
     metadata: dict,
 ) -> dict:
     """Write ``path`` (candidates_schema rows, block by block) and return what was measured:
-    users, longest history and, for an approximate index, recall@K per ranking."""
+    users, longest history and, for an approximate index, recall@K per ranking.
+    ``item_vectors``: the model's catalogue_vectors, which ``indexes`` hold."""
     columns = ranking_columns(model)
     longest = max((len(h) for h in users.histories), default=0)
     if indexes.gpu and config.k + max((len(e) for e in users.excluded), default=0) > GPU_MAX_K:
@@ -294,7 +298,7 @@ def score_split(
         for start in range(0, len(users), config.user_block_size):
             block = slice(start, start + config.user_block_size)
             histories, excluded = users.histories[block], users.excluded[block]
-            vectors = user_matrix(model, histories, max_len)
+            vectors = user_matrix(model, histories, max_len, item_vectors)
             rows = {"user_idx": pa.array(users.user_idx[block], pa.int32())}
             for name, (cols, factor) in columns.items():
                 queries = vectors[:, cols] * np.float32(factor)
@@ -337,7 +341,8 @@ def score_run(
     ``out_dir``/scoring.json: the settings and recall figures the evaluation records."""
     faiss.omp_set_num_threads(available_cpus())
     model.eval()
-    indexes = build_indexes(model, config)
+    item_vectors = catalogue_vectors(model)  # the catalogue's one pass through the item encoder
+    indexes = build_indexes(model, item_vectors, config)
     summary = {
         "run": provenance,
         "k": config.k,
@@ -351,7 +356,7 @@ def score_run(
     for split in SPLITS:
         users = split_users(sequences, split, exclude_history)
         metadata = {**provenance, "split": split, **{key: summary[key] for key in ("k", "index", "max_len", "exclude_history")}}
-        summary["splits"][split] = score_split(model, users, max_len, indexes, config, out_dir / f"{split}.parquet", metadata)
+        summary["splits"][split] = score_split(model, users, max_len, item_vectors, indexes, config, out_dir / f"{split}.parquet", metadata)
     write_json(summary, out_dir / "scoring.json")
     return summary
 

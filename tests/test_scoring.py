@@ -37,7 +37,7 @@ class ToyRecommender(SequentialRecommender):
     def item_vectors(self) -> torch.Tensor:
         return self.items
 
-    def user_vectors(self, sequences: torch.Tensor) -> torch.Tensor:
+    def user_vectors(self, sequences: torch.Tensor, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         real = (sequences > 0).float()[..., None]
         mean = (self.items[sequences] * real).sum(1) / real.sum(1).clamp(min=1)
         return torch.tanh(mean @ self.mix) / len(self.branches)

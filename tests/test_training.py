@@ -23,13 +23,13 @@ import yaml
 from pipeline.config import from_dict, load_section
 from pipeline.evaluation import EvaluateConfig, evaluate_run
 from pipeline.metrics import excluded_items, full_ranks, hit_rate, mrr, ndcg, summarize
-from pipeline.models.odmt import VARIANTS, ModelConfig
+from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
 from pipeline.training import TrainConfig, build_model, load_trained
 from pipeline.training.data import epoch_batches, left_pad, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
 from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity
-from pipeline.training.trainer import train
+from pipeline.training.trainer import evaluate, train
 from tests.toy import make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +225,45 @@ def toy_config(root: Path, variant: str = "odmt", backbone: str = "sasrec", **kw
         image_features=str(root / "features/image.parquet"),
         **kw,
     )
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_users_gathered_from_the_catalogue_table_equal_users_encoded_from_their_own_items(toy, variant, backbone):
+    cfg = toy_config(toy, variant, backbone)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_len=6, dropout=0.3))
+    model = build_model(cfg, 20).eval()
+    data = load_sequences(cfg.sequences, cfg.popularity, max_len=7)  # valid: padded; test: cut to 6
+    with torch.inference_mode():
+        table = model.item_vectors()
+        # Sequences holding the whole catalogue: user_vectors(sequences) encodes it in the very
+        # batch item_vectors() does, so gathering from the table must give the same bits.
+        catalogue = torch.arange(21).view(7, 3)
+        assert torch.equal(model.user_vectors(catalogue, table), model.user_vectors(catalogue))
+        for inputs in (data.valid.inputs, data.test.inputs):
+            gathered = model.user_vectors(inputs, table)
+            assert torch.equal(UserEncoder(model, cfg.model.max_len)(inputs), gathered)  # export = evaluation
+            # user_vectors(inputs) runs the item encoder on these sequences' distinct items only:
+            # a batch of other rows, and a matrix product's result for a row depends in the last
+            # bits on where the row falls in the batch (MKL's tail blocks). Same numbers to float32
+            # rounding, not to the bit.
+            torch.testing.assert_close(gathered, model.user_vectors(inputs), rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(model.user_vectors(inputs, table.roll(1, 0)), gathered)  # the table is what is read
+
+
+def test_evaluation_and_scoring_encode_every_catalogue_item_exactly_once(toy, tmp_path):
+    model = build_model(toy_config(toy), 20)
+    encoded: list[torch.Tensor] = []
+    model.items.register_forward_pre_hook(lambda _, args: encoded.append(args[0].flatten().cpu()))
+    catalogue = torch.arange(21)  # padding + 20 items
+
+    data = load_sequences(toy / "ingest/sequences.parquet", toy / "ingest/popularity.parquet", max_len=4)
+    evaluate(model, data.valid, batch_size=5)  # several user blocks
+    assert torch.equal(torch.cat(encoded).sort().values, catalogue)
+
+    encoded.clear()
+    score_run(model, 4, pq.read_table(toy / "ingest/sequences.parquet"), ScoreConfig(k=5, user_block_size=5), tmp_path, {"run": "toy"})
+    assert torch.equal(torch.cat(encoded).sort().values, catalogue)  # once for both splits
 
 
 @pytest.fixture(scope="module")

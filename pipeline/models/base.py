@@ -21,7 +21,13 @@ class SequentialRecommender(nn.Module):
         """(N+1, len(branches) * d) item vectors for the whole catalogue; row 0 = padding."""
         raise NotImplementedError
 
-    def user_vectors(self, sequences: torch.Tensor) -> torch.Tensor:
+    def user_vectors(self, sequences: torch.Tensor, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """(U, len(branches) * d) user states after the last item of each LEFT-padded (U, L)
-        sequence of item indices (0 = padding), scaled so that <user, item> = fused score."""
+        sequence of item indices (0 = padding), scaled so that <user, item> = fused score.
+
+        ``item_vectors``: this model's item_vectors(), when the caller already has them (scoring
+        and evaluation do): a model that builds users from its item vectors gathers them from
+        this table instead of encoding the sequences' items again (the same numbers to float32
+        rounding: see users_from_item_table in odmt.py). A model whose user side does not read
+        item vectors ignores it."""
         raise NotImplementedError

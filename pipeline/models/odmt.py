@@ -176,7 +176,7 @@ class ODMT(SequentialRecommender):
         """
         slots = slots.long()
         vectors = self._vectors_of(slots)
-        return self._encode(vectors[:, :, :-1], slots[:, :-1] != 0), vectors
+        return encode_sequences(self.encoders, vectors[:, :, :-1], slots[:, :-1] != 0), vectors
 
     def item_vectors(self, chunk: int = 1024) -> torch.Tensor:
         device = next(self.parameters()).device
@@ -184,10 +184,13 @@ class ODMT(SequentialRecommender):
         per_branch = torch.cat([self.items(part) for part in ids.split(chunk)], dim=1)  # (branches, N+1, d)
         return torch.cat(list(per_branch), dim=1)
 
-    def user_vectors(self, sequences: torch.Tensor) -> torch.Tensor:
+    def user_vectors(self, sequences: torch.Tensor, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         sequences = fit_left(sequences.long(), self.cfg.max_len)
-        states = self._encode(self._vectors_of(sequences), sequences != 0)[:, :, -1]  # (branches, U, d)
-        return torch.cat(list(states), dim=1) / len(self.branches)
+        real = sequences != 0
+        if item_vectors is None:  # encode only the items these sequences hold, each once
+            unique, sequences = torch.unique(sequences, return_inverse=True)
+            item_vectors = torch.cat(list(self.items(unique)), dim=1)
+        return users_from_item_table(self.encoders, item_vectors, sequences, real)
 
     def _vectors_of(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.dropout_per_slot and self.cfg.dropout > 0:
@@ -198,9 +201,54 @@ class ODMT(SequentialRecommender):
         unique, inverse = torch.unique(ids, return_inverse=True)
         return self.items(unique)[:, inverse]
 
-    def _encode(self, vectors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        vectors = vectors * real[None, :, :, None]
-        return torch.stack([encoder(vectors[b], real) for b, encoder in enumerate(self.encoders)])
+
+def encode_sequences(encoders: nn.ModuleList, vectors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Each branch's sequence encoder over its item vectors (branches, U, L, d) of LEFT-padded
+    sequences (real: (U, L), False at padding) -> states (branches, U, L, d)."""
+    vectors = vectors * real[None, :, :, None]
+    return torch.stack([encoder(vectors[b], real) for b, encoder in enumerate(encoders)])
+
+
+def users_from_item_table(encoders: nn.ModuleList, item_table: torch.Tensor, rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """User vectors (U, B*d), fused-score scale, of sequences whose items are gathered from a
+    table: ``item_table`` (n, B*d) holds item vectors side by side per branch (item_vectors(),
+    or the rows of some items), ``rows`` (U, L) the table row of every slot, ``real`` (U, L)
+    False at padding.
+
+    An item's vectors depend on that item only, so evaluation encodes the catalogue once and
+    gathers, instead of running the item encoder again over the items of every sequence. The
+    numbers agree to float32 rounding, not always to the bit: at the tests' tiny widths a matrix
+    product's result for a row changes in the last bits with where the row falls in the batch
+    (tests/test_training.py, test_users_gathered_...); at the embedded data's shapes (width 64
+    or 128) the two were bitwise equal for every batch of users tried."""
+    branches = len(encoders)
+    vectors = item_table.unflatten(1, (branches, -1)).transpose(0, 1)[:, rows]  # (B, U, L, d)
+    states = encode_sequences(encoders, vectors, real)[:, :, -1]  # (B, U, d)
+    return torch.cat(list(states), dim=1) / branches
+
+
+class UserEncoder(nn.Module):
+    """A trained model's user side over a fixed item table, its item_vectors() encoded once:
+    user_vectors(sequences, item_vectors()) of the model, without its item encoder.
+
+    The recommend stage and the exported program (pipeline/export.py) both run this module, so
+    the two agree; it holds the table and the branch sequence encoders, not the IMT or the
+    frozen features."""
+
+    def __init__(self, model: SequentialRecommender, max_len: int):
+        super().__init__()
+        if not hasattr(model, "encoders"):
+            raise TypeError(f"{type(model).__name__} has no per-branch sequence encoders to gather item vectors into")
+        with torch.inference_mode():
+            table = model.item_vectors().float()
+        self.branches, self.branch_dim, self.max_len = len(model.branches), model.branch_dim, max_len
+        self.register_buffer("item_table", table.clone())  # (N+1, B*d); row 0 = padding
+        self.encoders = model.encoders
+
+    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(U, L) left-padded item indices -> (U, B*d) user vectors (fused-score scale)."""
+        sequences = fit_left(sequences.long(), self.max_len)
+        return users_from_item_table(self.encoders, self.item_table, sequences, sequences != 0)
 
 
 def fit_left(sequences: torch.Tensor, length: int) -> torch.Tensor:

@@ -210,15 +210,17 @@ def batch_losses(states, vectors, slots, branches, cfg: TrainConfig, env, log_p,
 @torch.no_grad()
 def evaluate(model: ODMT, split: Split, batch_size: int) -> dict[str, dict[str, float]]:
     """HR/NDCG/MRR@10 of the fused score and of each branch, full ranking, the split's excluded
-    items left out (the protocol of the evaluate stage)."""
+    items left out (the protocol of the evaluate stage). The catalogue goes through the item
+    encoder once; user vectors gather their items from that table."""
     model.eval()
     device = next(model.parameters()).device
-    items = model.item_vectors().float()
+    table = model.item_vectors()
+    items = table.float()
     d = model.branch_dim
     ranks: dict[str, list[torch.Tensor]] = {name: [] for name in ("fused", *model.branches)}
     for start in range(0, len(split.targets), batch_size):
         block = slice(start, start + batch_size)
-        users = model.user_vectors(split.inputs[block].to(device)).float()
+        users = model.user_vectors(split.inputs[block].to(device), table).float()
         targets, excluded = split.targets[block].to(device), split.excluded[block].to(device)
         ranks["fused"].append(full_ranks(users @ items.T, targets, excluded).cpu())
         for i, branch in enumerate(model.branches):

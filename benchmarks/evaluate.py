@@ -1,0 +1,202 @@
+"""Evaluation speed: one full-catalogue evaluation of a split, as every epoch's validation runs it.
+
+    python benchmarks/evaluate.py [--data synthetic|real] [--model KEY=VALUE ...] [--repeats 5] [--rounds 2]
+                                  [--threads N] [--baseline-worktree PATH] [--out benchmarks/results/evaluate.json]
+
+Times `pipeline.training.trainer.evaluate` on the validation split: the item pass (every
+catalogue item through the item encoder), the user pass (every user's state) and the fused and
+per-branch rankings against the whole catalogue; and, on its own, the item pass
+(`model.item_vectors()`). Each figure is the median of --repeats runs after one warm-up run, in
+a fresh process, over --rounds such processes; wall time and CPU time (all threads), which a
+busy machine disturbs less. `synthetic` data has the embedded dataset's shape (943 users, 1,332 items,
+13 training items per user, text 30 x 384, image 50 x 1280; tests/toy.py) with random content;
+`real` uses data/ingest and data/features. The model is the `train` section of params.yaml,
+with any `--model` settings on top (issue 12's configuration: `--model width=128 text_tokens=30
+image_tokens=50`), seeded and untrained: the time does not depend on the weights.
+
+--baseline-worktree PATH measures the code of another commit in the same run, on the same data,
+in its own processes (`git worktree add /tmp/base 3e02192`, then pass /tmp/base), the rounds
+of the two trees taking turns, so that a change in the machine's load falls on both: the ratio
+baseline / this tree is reported, and whether the two computed the same metrics. The load
+average is recorded at the start and the end: on a shared machine other jobs slow every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("evaluation_s", "evaluation_cpu_s", "item_pass_s", "item_pass_cpu_s")  # medians, compared as baseline / this
+
+
+# --- the measurement, in a child process that imports the pipeline of --code -----------------
+
+
+def measure(code: Path, paths: dict[str, str], model_settings: dict, repeats: int, threads: int | None) -> dict:
+    """Seconds of each timed item pass and whole validation evaluation, with the code at
+    ``code`` (imported here, after sys.path points at it: the parent may have another)."""
+    sys.path.insert(0, str(code))
+    import dataclasses
+    import resource
+    import time
+
+    import torch
+
+    from pipeline.config import load_params, load_section
+    from pipeline.training import TrainConfig
+    from pipeline.training.trainer import evaluate, set_up
+
+    if threads:
+        torch.set_num_threads(threads)
+    params = code / "params.yaml"  # the tree's own: its TrainConfig may know other fields
+    cfg = load_section(TrainConfig, "train", params) if "train" in load_params(params) else TrainConfig()
+    cfg = dataclasses.replace(cfg, **paths, model=dataclasses.replace(cfg.model, **model_settings))
+    _, data, model, *_ = set_up(cfg)
+    model.eval()
+
+    def seconds(run) -> tuple[float, float]:
+        """Wall and CPU seconds (all threads) of run()."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        return round(time.perf_counter() - wall, 4), round(time.process_time() - cpu, 4)
+
+    metrics = evaluate(model, data.valid, cfg.eval_batch_size)  # warm-up, and the numbers compared
+    with torch.no_grad():
+        item_pass = [seconds(model.item_vectors) for _ in range(repeats)]
+    evaluation = [seconds(lambda: evaluate(model, data.valid, cfg.eval_batch_size)) for _ in range(repeats)]
+    return {
+        "code": str(code),
+        "commit": subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "users": len(data.valid.targets),
+        "items": data.num_items,
+        "variant": cfg.model.variant,
+        "model": dataclasses.asdict(cfg.model),
+        "threads": torch.get_num_threads(),
+        "item_pass_runs_s": [wall for wall, _ in item_pass],
+        "item_pass_cpu_runs_s": [cpu for _, cpu in item_pass],
+        "evaluation_runs_s": [wall for wall, _ in evaluation],  # item pass + user pass + rankings
+        "evaluation_cpu_runs_s": [cpu for _, cpu in evaluation],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "metrics": metrics,
+    }
+
+
+def in_fresh_process(code: Path, paths: dict[str, str], model_settings: dict, repeats: int, threads: int | None) -> dict:
+    """measure() in a new interpreter (its own imports, its own peak memory); the result is
+    the last line of its output, as JSON."""
+    command = [sys.executable, __file__, "--measure", str(code), "--paths", json.dumps(paths), "--model-json", json.dumps(model_settings)]
+    command += ["--repeats", str(repeats)]
+    if threads:
+        command += ["--threads", str(threads)]
+    done = subprocess.run(command, cwd=code, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {code} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def merged(rounds: list[dict]) -> dict:
+    """One tree's rounds as one result: the medians over all their timed runs."""
+    first = rounds[0]
+    if any(r["metrics"] != first["metrics"] for r in rounds):
+        raise RuntimeError(f"{first['code']}: the metrics differ between rounds")
+    runs = {key: [s for r in rounds for s in r[key]] for key in first if key.endswith("_runs_s")}
+    return {
+        **{key: value for key, value in first.items() if key not in runs and key != "peak_rss_mb"},
+        **{key.replace("_runs", ""): round(statistics.median(values), 4) for key, values in runs.items()},
+        **runs,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+    }
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def data_paths(kind: str, folder: Path) -> dict[str, str]:
+    """Absolute input paths, so that a baseline worktree without data reads the same files."""
+    if kind == "synthetic":
+        sys.path.insert(0, str(ROOT))
+        from tests.toy import make_toy_dataset
+
+        root = make_toy_dataset(folder, num_users=943, num_items=1332, seq_len=15, text_shape=(30, 384), image_shape=(50, 1280))
+    else:
+        root = ROOT / "data"
+    return {
+        "sequences": str(root / "ingest/sequences.parquet"),
+        "popularity": str(root / "ingest/popularity.parquet"),
+        "text_features": str(root / "features/text.parquet"),
+        "image_features": str(root / "features/image.parquet"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
+    parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="train.model settings over params.yaml's")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is reported; at least 3)")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per tree, taking turns with the baseline's")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--baseline-worktree", type=Path, help="a git worktree of the commit to compare against")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/evaluate.json"))
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child mode: the code to measure
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    parser.add_argument("--model-json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure.resolve(), json.loads(args.paths), json.loads(args.model_json), args.repeats, args.threads)))
+        return
+    model_settings = {key: yaml.safe_load(value) for key, value in (setting.split("=", 1) for setting in args.model)}
+    if args.repeats < 3 or args.rounds < 1:
+        parser.error("--repeats must be at least 3 and --rounds at least 1")
+
+    load_at_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = data_paths(args.data, Path(tmp))
+        trees = {"this": ROOT} | ({"baseline": args.baseline_worktree.resolve()} if args.baseline_worktree else {})
+        rounds = {name: [] for name in trees}
+        for _ in range(args.rounds):
+            for name, code in trees.items():
+                rounds[name].append(in_fresh_process(code, paths, model_settings, args.repeats, args.threads))
+    runs = {name: merged(measured) for name, measured in rounds.items()}
+    report = {
+        "data": args.data,
+        "model_settings": model_settings,
+        "repeats": args.repeats,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": len(os.sched_getaffinity(0)),
+            "load_average_at_start_and_end": [list(load_at_start), list(os.getloadavg())],  # 1, 5, 15 min
+        },
+        "runs": runs,
+    }
+    if "baseline" in runs:
+        base, this = runs["baseline"], runs["this"]
+        report["speed-up"] = {key.removesuffix("_s"): round(base[key] / this[key], 2) for key in FIGURES}
+        report["same_metrics"] = base["metrics"] == this["metrics"]
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.io import write_json
+
+    write_json(report, args.out)
+    for name, run in runs.items():
+        print(
+            f"{name:8s} {run['commit']:>9s}  evaluation {run['evaluation_s']:6.3f} s, CPU {run['evaluation_cpu_s']:6.3f} s "
+            f"(item pass {run['item_pass_s']:6.3f} s, CPU {run['item_pass_cpu_s']:6.3f} s)  "
+            f"{run['users']} users x {run['items']} items  peak RSS {run['peak_rss_mb']} MB"
+        )
+    if "speed-up" in report:
+        print("speed-up " + ", ".join(f"{key} {ratio}x" for key, ratio in report["speed-up"].items()) + f"; same metrics: {report['same_metrics']}")
+    print(f"load average at start {load_at_start}, at end {os.getloadavg()}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
