@@ -26,7 +26,8 @@ from pipeline.metrics import excluded_items, full_ranks, hit_rate, mrr, ndcg, su
 from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
 from pipeline.training import TrainConfig, build_model, load_trained
-from pipeline.training.data import epoch_batches, left_pad, load_sequences
+from pipeline.scoring import left_pad
+from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
 from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity
 from pipeline.training.trainer import evaluate, train

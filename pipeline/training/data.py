@@ -18,7 +18,7 @@ import torch
 
 from ..features.store import TokenFeatures, load_token_features
 from ..metrics import ExcludeHistory
-from ..scoring import SplitUsers, split_users
+from ..scoring import SplitUsers, left_pad, split_users
 
 
 @dataclass
@@ -37,19 +37,9 @@ class SequenceData:
     num_items: int
 
 
-def left_pad(sequences: list[list[int]], width: int) -> torch.Tensor:
-    """(len, width) int64: the last `width` items of each list, right-aligned, 0 before."""
-    out = torch.zeros(len(sequences), width, dtype=torch.int64)
-    for row, items in enumerate(sequences):
-        kept = list(items[-width:]) if width else []
-        if kept:
-            out[row, width - len(kept) :] = torch.tensor(kept)
-    return out
-
-
 def load_sequences(sequences_path: str | Path, popularity_path: str | Path, max_len: int, exclude_history: ExcludeHistory = "all") -> SequenceData:
     table = pq.read_table(sequences_path).sort_by("user_idx")
-    train = [list(x) for x in table["train_items"].to_pylist()]
+    train = table["train_items"].to_pylist()
     valid = table["valid_item"].to_pylist()
     test = table["test_item"].to_pylist()
     popularity = pq.read_table(popularity_path)
@@ -70,11 +60,10 @@ def load_sequences(sequences_path: str | Path, popularity_path: str | Path, max_
 
 
 def _ranking_split(users: SplitUsers, max_len: int) -> Split:
-    excluded = [e.tolist() for e in users.excluded]
     return Split(
-        left_pad([h.tolist() for h in users.histories], max_len),
+        left_pad(users.histories, max_len),
         torch.from_numpy(users.targets.astype(np.int64)),
-        left_pad(excluded, max(map(len, excluded), default=0)),
+        left_pad(users.excluded, max(map(len, users.excluded), default=0)),
     )
 
 
