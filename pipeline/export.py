@@ -50,6 +50,8 @@ def export_encoder(encoder: UserEncoder, path: Path) -> None:
     users = torch.export.Dim("users", min=1)
     with torch.no_grad():
         program = torch.export.export(encoder, (example,), dynamic_shapes={"sequences": {0: users}})
+    for node in program.graph.nodes:  # traces name this checkout's absolute path: another clone would write other bytes
+        node.meta.pop("stack_trace", None)
     # Through a file object: given a path, the archive's records are named after it (the random
     # temp name), and equal programs would not give equal files.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
