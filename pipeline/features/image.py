@@ -116,23 +116,26 @@ class EncodedImages(Dataset):
         return torch.from_numpy(pixels), outcome, detail, time.perf_counter() - start
 
 
-class OneDnnPointwiseConv2d(torch.nn.Conv2d):
-    """A 1x1 convolution that always runs through oneDNN. On one thread and batches under 16,
-    PyTorch runs 1x1 convolutions with its own im2col kernel instead, which rounds differently
-    (the features would depend on the batch size and thread count) and, with a batch small
-    enough for the cache, is slower. oneDNN gives the same features whatever the batch size
-    and number of threads: those of the 2-thread runs that computed the stored features."""
+class OneDnnConv2d(torch.nn.Conv2d):
+    """A convolution that always runs through oneDNN. PyTorch picks its own (im2col) kernel for
+    some shapes: 1x1 convolutions of batches under 16 on one thread, small inputs of batch 1,
+    which round differently (the features would depend on the batch size and thread count)
+    and, for batches small enough for the cache, are slower. oneDNN gives the same features
+    whatever the batch size and number of threads: those of the 2-thread runs that computed
+    the stored features (checked on the embedded posters)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
 
 
-def pointwise_convolutions_through_onednn(model: torch.nn.Module) -> None:
+def convolutions_through_onednn(model: torch.nn.Module) -> None:
+    """Every plain zero-padded Conv2d of `model` as a OneDnnConv2d (timm's Conv2dSame pads first
+    and keeps its own forward: its shapes already go to oneDNN)."""
     if not torch.backends.mkldnn.is_available():
         return
     for module in model.modules():
-        if type(module) is torch.nn.Conv2d and module.kernel_size == (1, 1) and isinstance(module.padding, tuple):
-            module.__class__ = OneDnnPointwiseConv2d  # same parameters, only the kernel choice differs
+        if type(module) is torch.nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+            module.__class__ = OneDnnConv2d  # same parameters, only the kernel choice differs
 
 
 class ImageEncoder:
@@ -156,7 +159,7 @@ class ImageEncoder:
         if self.device.type == "cpu":
             self.threads = config.threads or available_cores()
             torch.set_num_threads(1)  # for every thread of this process: the stage is a process of its own
-            pointwise_convolutions_through_onednn(self.model)
+            convolutions_through_onednn(self.model)
         self.mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1)
         probe = self.encode(torch.zeros(1, config.size, config.size, 3, dtype=torch.uint8))
