@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from compare import code_trees, in_turns  # benchmarks/compare.py
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("evaluation_s", "evaluation_cpu_s", "item_pass_s", "item_pass_cpu_s")  # medians, compared as baseline / this
@@ -161,11 +162,8 @@ def main() -> None:
     load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         paths = data_paths(args.data, Path(tmp))
-        trees = {"this": ROOT} | ({"baseline": args.baseline_worktree.resolve()} if args.baseline_worktree else {})
-        rounds = {name: [] for name in trees}
-        for _ in range(args.rounds):
-            for name, code in trees.items():
-                rounds[name].append(in_fresh_process(code, paths, model_settings, args.repeats, args.threads))
+        trees = code_trees(args.baseline_worktree)
+        rounds = in_turns(trees, args.rounds, lambda _, code: in_fresh_process(code, paths, model_settings, args.repeats, args.threads))
     runs = {name: merged(measured) for name, measured in rounds.items()}
     report = {
         "data": args.data,

@@ -2,6 +2,12 @@
 
     python benchmarks/features.py [--text-items 2000] [--image-items 256] [--out benchmarks/results/features.json]
     python benchmarks/features.py --catalogue 20000 [--modalities image,text] [--out benchmarks/results/features-scale.json]
+    python benchmarks/features.py --baseline-worktree PATH [--image-items 256] [--rounds 3] [--out benchmarks/results/features-vs-baseline.json]
+
+The third form runs the image_features stage script of this checkout and of another commit's
+(a git worktree: `git worktree add --detach /tmp/base main`), each with its own params.yaml
+defaults, on the same synthetic images, in fresh processes taking turns (benchmarks/compare.py),
+and reports the ratio of the median items/s and whether the two wrote the same features.
 
 The second form (`scale`, at the end of this file) runs the stage scripts on a synthetic
 catalogue (benchmarks/synthetic.py): one process, then `torchrun --nproc_per_node 2` on CPU
@@ -26,6 +32,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +53,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import synthetic  # noqa: E402  (benchmarks/synthetic.py)
+from compare import code_trees, commit_of, in_turns, speed_up  # noqa: E402  (benchmarks/compare.py)
 from pipeline import schema  # noqa: E402
+from pipeline.features import time_shares  # noqa: E402
 from pipeline.features.store import load_token_features  # noqa: E402
 from pipeline.features.image import ImageFeaturesConfig, extract_image_features  # noqa: E402
 from pipeline.features.text import TextFeaturesConfig, extract_text_features, resolve_model  # noqa: E402
@@ -149,15 +158,25 @@ def main() -> None:
     parser.add_argument("--text-items", type=int, default=2000)
     parser.add_argument("--image-items", type=int, default=256)
     parser.add_argument("--image-px", default="256x384", help="synthetic image size WxH (default 256x384)")
-    parser.add_argument("--image-batch-size", type=int, help="default: params' (8, for a CPU); on a GPU e.g. 256")
-    parser.add_argument("--image-workers", type=int, help="decoding processes (default: params' 2)")
+    parser.add_argument("--image-batch-size", type=int, help="default: the config's (4, for a CPU); on a GPU e.g. 256")
+    parser.add_argument("--image-workers", type=int, help="decoding processes (default: the config's)")
+    parser.add_argument("--image-threads", type=int, help="CPU: batches encoded at once (default: the config's, 0 = one per core)")
     parser.add_argument("--catalogue", type=int, help="scale benchmark: sharded and incremental runs on this many items")
     parser.add_argument("--modalities", default="image,text", help="scale benchmark: image, text or both")
     parser.add_argument("--scale-image-size", type=int, default=64, help="scale benchmark: encoder input px (224: 50 tokens)")
     parser.add_argument("--scale-real-text", action="store_true", help="scale benchmark: the real MiniLM, not a tiny random BERT")
+    parser.add_argument("--baseline-worktree", type=Path, help="image items/s of this checkout against another's, side by side")
+    parser.add_argument("--rounds", type=int, default=3, help="--baseline-worktree: runs per checkout (the median is compared)")
     parser.add_argument("--out")
     args = parser.parse_args()
     setup_logging()
+    if args.baseline_worktree:
+        if args.rounds < 3:
+            parser.error("--rounds must be at least 3")
+        width, height = (int(v) for v in args.image_px.split("x"))
+        out = args.out or "benchmarks/results/features-vs-baseline.json"
+        image_against_baseline(args.baseline_worktree, args.image_items, width, height, args.rounds, out)
+        return
     if args.catalogue:
         out = args.out or "benchmarks/results/features-scale.json"
         scale(args.catalogue, args.modalities.split(","), args.scale_image_size, args.scale_real_text, out)
@@ -167,7 +186,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     text_config, image_config = TextFeaturesConfig(), ImageFeaturesConfig()
     image_config = replace(image_config, batch_size=args.image_batch_size or image_config.batch_size,
-                           num_workers=image_config.num_workers if args.image_workers is None else args.image_workers)
+                           num_workers=image_config.num_workers if args.image_workers is None else args.image_workers,
+                           threads=image_config.threads if args.image_threads is None else args.image_threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -189,7 +209,7 @@ def main() -> None:
     }
     write_json(report, args.out)
     for name, result in (("text", text), ("image", image)):
-        shares = ", ".join(f"{k} {100 * v / result['encode_seconds']:.0f}%" for k, v in result["timings_s"].items())
+        shares = time_shares(result["timings_s"], result["encode_seconds"])
         print(
             f"{name:5s}: {result['items_per_s']:7.1f} items/s, peak memory {result['peak_memory_mb']} MB "
             f"({result['items']} items of {result['tokens_per_item']} tokens, "
@@ -229,18 +249,21 @@ def scale_inputs(folder: Path, items: int) -> tuple[Path, Path]:
     return folder / "items.parquet", folder / "images.parquet"
 
 
-def run_stage(name: str, stage: str, args: list[str], procs: int, log_path: Path) -> dict:
-    """Run a stage script (torchrun with `procs` CPU processes when > 1); wall time and its counts."""
-    script = str(ROOT / "stages" / f"{stage}.py")
+def run_stage(name: str, stage: str, args: list[str], procs: int, log_path: Path, code: Path = ROOT, threads: int | None = 1) -> dict:
+    """Run a stage script of the checkout at `code` (torchrun with `procs` CPU processes when > 1)
+    with OMP_NUM_THREADS=`threads` (None: the stage's own choice); wall time, CPU time and its counts.
+    The scale runs use one thread per process: so they compare processes, not threads (and on a
+    loaded machine 2 OpenMP threads per process were 40x slower than 1: they wait for each other)."""
+    script = str(code / "stages" / f"{stage}.py")
     launcher = [sys.executable]
     if procs > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-    threads = 1  # one per process in every run: so the runs compare processes, not threads (and on a
-    # loaded machine 2 OpenMP threads per process were 40x slower than 1: they wait for each other)
-    start = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([*launcher, script, *args], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    proc = subprocess.run([*launcher, script, *args], capture_output=True, text=True, env=env, cwd=code)
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     log_path.write_text(proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"{name}: {stage} failed:\n{proc.stderr[-3000:]}")
@@ -248,8 +271,9 @@ def run_stage(name: str, stage: str, args: list[str], procs: int, log_path: Path
     rates = [float(r) for r in re.findall(r"done, \d+/\d+ items, ([\d.]+) items/s", proc.stderr)]
     # per rank: seconds decoding, waiting for it, encoding (the stage's log line)
     timings = [ast.literal_eval(t) for t in re.findall(r": (\{'[a-z_]+_s'[^}]*\}): ", proc.stderr)]
-    result = {"processes": procs, "threads_per_process": threads, "wall_s": round(wall, 1), "reused": int(found[1]),
-              "encoded": int(found[2]), "encode_items_per_s_per_rank": rates, "seconds_per_rank": timings}
+    result = {"processes": procs, "threads_per_process": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+              "reused": int(found[1]), "encoded": int(found[2]), "encode_items_per_s_per_rank": rates,
+              "seconds_per_rank": timings}
     log.info("%s %s: %s", stage, name, result)
     return result
 
@@ -326,6 +350,49 @@ def scale(items: int, modalities: list[str], image_size: int, real_text: bool, o
               f"{incremental['reused']} ({100 * incremental['wall_s'] / runs['single']['wall_s']:.1f}% of the full run's time; "
               f"encoding {encoding_s(incremental):.1f} s against {encoding_s(runs['single']):.1f} s)")
     print(f"written to {out}")
+
+
+def image_against_baseline(baseline: Path, items: int, width: int, height: int, rounds: int, out: str) -> None:
+    """The image_features stage of this checkout and of `baseline`, each with its own default
+    params, on the same synthetic images, taking turns: items/s (encoding, as the stage logs
+    it), the ratio of the medians and whether both wrote the same features."""
+    trees = code_trees(baseline)
+    load_at_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        synthetic_images(folder / "images.parquet", items, width, height, np.random.default_rng(0))
+
+        def run(name: str, code: Path) -> dict:
+            output = folder / f"{name}.parquet"
+            args = ["--params", str(code / "params.yaml"), "--images", str(folder / "images.parquet"), "--out", str(output), "--cache", ""]
+            return run_stage(name, "image_features", args, 1, folder / f"{name}.log", code=code, threads=None)
+
+        runs = in_turns(trees, rounds, run)
+        same = compare(folder / "this.parquet", folder / "baseline.parquet")
+    rates = {name: [r["encode_items_per_s_per_rank"][0] for r in results] for name, results in runs.items()}
+    report = {
+        "images": items,
+        "synthetic_image_px": [width, height],
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_at_start_and_end": [list(load_at_start), list(os.getloadavg())],  # 1, 5, 15 min
+        "trees": {name: {"code": str(code), "commit": commit_of(code), "params": load_section_dict(code)} for name, code in trees.items()},
+        "items_per_s": {name: round(statistics.median(r), 2) for name, r in rates.items()},
+        "runs": runs,
+        "speed_up": speed_up(rates["baseline"], rates["this"], higher_is_faster=True),
+        "same_features": same,
+    }
+    write_json(report, out)
+    for name, tree in report["trees"].items():
+        print(f"{name:8s} {tree['commit']:>9s}  image {report['items_per_s'][name]:6.1f} items/s (median of "
+              f"{[round(r, 1) for r in rates[name]]}), CPU s per run {[r['cpu_s'] for r in runs[name]]}")
+    print(f"speed-up {report['speed_up']}x; same features: bit-identical {same['bit_identical']}, "
+          f"largest difference {same['max_abs_diff']:.3g}")
+    print(f"load average at start {load_at_start}, at end {os.getloadavg()}; written to {out}")
+
+
+def load_section_dict(code: Path) -> dict:
+    """A checkout's image_features params, as its params.yaml has them."""
+    return yaml.safe_load((code / "params.yaml").read_text()).get("image_features", {})
 
 
 if __name__ == "__main__":

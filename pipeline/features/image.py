@@ -16,8 +16,9 @@ white). Every outcome is counted, logged and written to the file's metadata as `
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..images import BOMB, ImageRefused, open_image
 from ..progress import log
-from . import PACKAGE_PREFIX, absent_mask, autocast, extract, inference_device, sha256
+from . import PACKAGE_PREFIX, absent_mask, autocast, available_cores, extract, inference_device, sha256
 from .efficientnet_lite import load_package_weights
 
 RESAMPLE = {name: getattr(Image.Resampling, name.upper()) for name in ("bicubic", "bilinear", "lanczos", "nearest")}
@@ -54,9 +55,12 @@ class ImageFeaturesConfig:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     pooled_only: bool = False  # keep only the pooled vector: one token per item
     max_pixels: int = 50_000_000  # larger images are refused as likely decompression bombs
-    batch_size: int = 8  # small batches are fastest on CPU (cache); raise it on a GPU (e.g. 256)
+    batch_size: int = 4  # CPU: 4 keeps a batch's activations in the cache (fastest, measured); GPU: e.g. 256
+    # CPU only: batches encoded at once, one core each (0: one per core this process may use, or
+    # OMP_NUM_THREADS); on a GPU one batch at a time
+    threads: int = 0
     chunk_size: int = 1024  # items per Parquet row group; bounds memory
-    num_workers: int = 2  # image-decoding processes per rank (0: decode in the main process)
+    num_workers: int = 1  # image-decoding processes per rank (0: decode in the main process)
     launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 8
 
     def validate(self) -> None:
@@ -64,8 +68,8 @@ class ImageFeaturesConfig:
             raise ValueError(f"mean and std need 3 values each (std > 0), got {list(self.mean)} and {list(self.std)}")
         if not 0 < self.max_pixels <= Image.MAX_IMAGE_PIXELS:
             raise ValueError(f"max_pixels must be in 1..{Image.MAX_IMAGE_PIXELS} (PIL's own bomb limit), got {self.max_pixels}")
-        if min(self.size, self.batch_size, self.chunk_size) < 1 or self.num_workers < 0:
-            raise ValueError("size, batch_size and chunk_size must be >= 1 and num_workers >= 0")
+        if min(self.size, self.batch_size, self.chunk_size) < 1 or min(self.num_workers, self.threads) < 0:
+            raise ValueError("size, batch_size and chunk_size must be >= 1, num_workers and threads >= 0")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -112,6 +116,28 @@ class EncodedImages(Dataset):
         return torch.from_numpy(pixels), outcome, detail, time.perf_counter() - start
 
 
+class OneDnnConv2d(torch.nn.Conv2d):
+    """A convolution that always runs through oneDNN. PyTorch picks its own (im2col) kernel for
+    some shapes: 1x1 convolutions of batches under 16 on one thread, small inputs of batch 1,
+    which round differently (the features would depend on the batch size and thread count)
+    and, for batches small enough for the cache, are slower. oneDNN gives the same features
+    whatever the batch size and number of threads: those of the 2-thread runs that computed
+    the stored features (checked on the embedded posters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+
+
+def convolutions_through_onednn(model: torch.nn.Module) -> None:
+    """Every plain zero-padded Conv2d of `model` as a OneDnnConv2d (timm's Conv2dSame pads first
+    and keeps its own forward: its shapes already go to oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for module in model.modules():
+        if type(module) is torch.nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+            module.__class__ = OneDnnConv2d  # same parameters, only the kernel choice differs
+
+
 class ImageEncoder:
     """A frozen timm model: uint8 pixels (n, H, W, 3) -> tokens (n, num_tokens, dim)."""
 
@@ -120,11 +146,20 @@ class ImageEncoder:
     def __init__(self, config: ImageFeaturesConfig, device: torch.device | None = None):
         self.config, self.name = config, config.model
         self.device = device or inference_device()
-        self.timings: Counter = Counter()  # seconds: decode (summed over workers), waiting for it, encode
+        # seconds: decode (summed over the workers), waiting for it, encode (summed over the threads)
+        self.timings: Counter = Counter()
         self.problems = 0
         self.model, self.weights = load_timm_model(config.model, config.weights)
         # channels-last memory: faster convolutions on CPU (oneDNN) and on GPU tensor cores
         self.model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        # On CPU, `threads` batches at once, each on one thread: OpenMP threads splitting every
+        # operator wait for each other some 200 times a batch, and on a busy machine that wait
+        # was most of the time. On a GPU, one batch at a time.
+        self.threads = 1
+        if self.device.type == "cpu":
+            self.threads = config.threads or available_cores()
+            torch.set_num_threads(1)  # for every thread of this process: the stage is a process of its own
+            convolutions_through_onednn(self.model)
         self.mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1)
         probe = self.encode(torch.zeros(1, config.size, config.size, 3, dtype=torch.uint8))
@@ -148,24 +183,40 @@ class ImageEncoder:
         return self._encode_batches(iter(loader), rows, items)
 
     def _encode_batches(self, decoded: Iterator, rows: list[np.ndarray], items: np.ndarray) -> Iterator:
-        waited = time.perf_counter()
-        for index, (pixels, outcomes, details, decode_s) in zip(rows, decoded):
-            started = time.perf_counter()
-            self.timings["waiting_for_decode_s"] += started - waited
-            self.timings["decode_s"] += float(decode_s.sum())
-            ok = np.array([outcome not in ABSENT for outcome in outcomes])
-            tokens = np.zeros((len(ok), self.num_tokens, self.dim), dtype=np.float16)
-            if ok.any():
-                tokens[ok] = self.encode(pixels[torch.from_numpy(ok)] if not ok.all() else pixels)
-            for i, (outcome, detail) in enumerate(zip(outcomes, details)):
-                if detail and self.problems < MAX_LOGGED_PROBLEMS:
-                    self.problems += 1
-                    log.warning("image_features: item %d: %s image (%s), features zero", items[index[i]], outcome, detail)
-            mask = np.ones((len(ok), self.num_tokens), dtype=bool)
-            mask[~ok] = absent_mask(int((~ok).sum()), self.num_tokens)
-            self.timings["encode_s"] += time.perf_counter() - started
-            yield index, tokens, mask, ok, list(outcomes)
+        """Up to `threads` batches encoded at once (torch releases the GIL inside its operators),
+        yielded in order."""
+        pending: deque[tuple[np.ndarray, list[str], Future]] = deque()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="image-encoder") as encoders:
             waited = time.perf_counter()
+            for index, (pixels, outcomes, details, decode_s) in zip(rows, decoded):
+                self.timings["waiting_for_decode_s"] += time.perf_counter() - waited
+                self.timings["decode_s"] += float(decode_s.sum())
+                for i, (outcome, detail) in enumerate(zip(outcomes, details)):
+                    if detail and self.problems < MAX_LOGGED_PROBLEMS:
+                        self.problems += 1
+                        log.warning("image_features: item %d: %s image (%s), features zero", items[index[i]], outcome, detail)
+                pending.append((index, list(outcomes), encoders.submit(self._encode_batch, pixels, outcomes)))
+                if len(pending) == self.threads:
+                    yield self._finished(*pending.popleft())
+                waited = time.perf_counter()
+            while pending:
+                yield self._finished(*pending.popleft())
+
+    def _encode_batch(self, pixels: torch.Tensor, outcomes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(tokens, mask, present, seconds) of one decoded batch; absent images get zero tokens."""
+        started = time.perf_counter()
+        ok = np.array([outcome not in ABSENT for outcome in outcomes])
+        tokens = np.zeros((len(ok), self.num_tokens, self.dim), dtype=np.float16)
+        if ok.any():
+            tokens[ok] = self.encode(pixels[torch.from_numpy(ok)] if not ok.all() else pixels)
+        mask = np.ones((len(ok), self.num_tokens), dtype=bool)
+        mask[~ok] = absent_mask(int((~ok).sum()), self.num_tokens)
+        return tokens, mask, ok, time.perf_counter() - started
+
+    def _finished(self, index: np.ndarray, outcomes: list[str], encoding: Future) -> tuple:
+        tokens, mask, ok, seconds = encoding.result()
+        self.timings["encode_s"] += seconds  # here, in the one thread that sums them
+        return index, tokens, mask, ok, outcomes
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> np.ndarray:
