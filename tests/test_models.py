@@ -10,7 +10,8 @@ import torch
 from pipeline.features.store import TokenFeatures
 from pipeline.models.backbones import build_backbone
 from pipeline.models.imt import IDAwareMultimodalTransformer, imt_attention_mask
-from pipeline.models.items import initial_id_table
+from pipeline.models import items
+from pipeline.models.items import _to_width, initial_id_table
 from pipeline.models.odmt import ODMT, VARIANTS, ModelConfig
 
 NUM_ITEMS, WIDTH = 12, 8
@@ -247,6 +248,23 @@ def test_id_init_from_cls_features():
     assert reduced.shape == like.shape and reduced[1:].abs().sum() > 0
     with pytest.raises(ValueError, match="needs the features"):
         initial_id_table("image_cls", WIDTH, text, None, like)
+
+
+def test_id_init_directions_from_a_sample_in_large_catalogues(monkeypatch):
+    # integer features of rank 3 (exact in float16): any sample of them spans the same subspace
+    g = torch.Generator().manual_seed(0)
+    n, dim = 40, 20
+    cls = (torch.randint(-3, 4, (n + 1, 3), generator=g) @ torch.randint(-3, 4, (3, dim), generator=g) + 5).half()
+    rows = torch.arange(1, n + 1)
+    centred = cls[rows].double() - cls[rows].double().mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    # up to the sample size: the exact computation over all rows, to the bit
+    assert torch.equal(_to_width(cls, rows, WIDTH, sample=n), centred @ vh[:WIDTH].T)
+    # above it: directions from 10 items, all 40 projected 7 at a time, pairwise geometry kept
+    monkeypatch.setattr(items, "PROJECT_ROWS", 7)
+    sampled = _to_width(cls, rows, WIDTH, sample=10)
+    assert sampled.shape == (n, WIDTH) and torch.allclose(sampled @ sampled.T, centred @ centred.T, atol=1e-8)
+    assert torch.allclose(sampled.mean(0), torch.zeros(WIDTH, dtype=torch.float64), atol=1e-9)  # centred on all rows
 
 
 def test_id_only_baseline_starts_random_and_reads_no_features():

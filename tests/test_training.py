@@ -23,9 +23,10 @@ import yaml
 from pipeline.config import from_dict, load_section
 from pipeline.evaluation import EvaluateConfig, evaluate_run
 from pipeline.metrics import excluded_items, full_ranks, hit_rate, mrr, ndcg, summarize
+from pipeline.models import odmt
 from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
-from pipeline.training import TrainConfig, build_model, load_trained
+from pipeline.training import TrainConfig, build_model, checkpoint, load_trained
 from pipeline.scoring import left_pad
 from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
@@ -302,6 +303,25 @@ def test_every_variant_and_backbone_learns_the_planted_signal(signal, tmp_path, 
 
 def signal_model(variant: str, backbone: str) -> ModelConfig:
     return ModelConfig(variant=variant, backbone=backbone, width=16, max_len=4, imt_layers=1, seq_layers=1)
+
+
+def test_loading_a_trained_model_skips_the_content_init_and_scores_the_same(toy, tmp_path, monkeypatch):
+    cfg = toy_config(toy)
+    train(cfg, tmp_path / "run", tmp_path / "logs")
+    saved = checkpoint.load(tmp_path / "run/model.pt")
+    reference = build_model(cfg, 20, tuple(saved["info"]["sources"]))  # content-initialised, then overwritten
+    reference.load_state_dict(saved["state_dict"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_trained recomputed the ID initialisation")
+
+    monkeypatch.setattr(odmt, "initial_id_table", refuse)
+    model, _ = load_trained(tmp_path / "run")
+    reference.eval()
+    sequences = torch.tensor([[0, 3, 5, 7], [1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model.item_vectors(), reference.item_vectors())
+        assert torch.equal(model.user_vectors(sequences), reference.user_vectors(sequences))
 
 
 @pytest.mark.parametrize("exclude", ["all", "all_but_target"])

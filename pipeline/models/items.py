@@ -55,6 +55,7 @@ class ItemSources(nn.Module):
         if features.num_items != self.num_items:
             raise ValueError(f"{name} features cover {features.num_items} items, the sequences {self.num_items}; rerun the feature stage")
         keep = min(max_tokens, features.tokens.shape[1])  # the first tokens: CLS/pooled first
+        # No copy when the features hold only the kept tokens (build_model reads no more)
         self.register_buffer(f"{name}_tokens", features.tokens[:, :keep].contiguous(), persistent=False)
         if name == "text":  # image keys are always visible in the IMT: only text has padding
             self.register_buffer("text_mask", features.mask[:, :keep].contiguous(), persistent=False)
@@ -90,7 +91,8 @@ def initial_id_table(
     "random" (keep `like`, the model's random initialisation).
 
     Each chosen modality's CLS features are used as they are when their dim equals `width`
-    (the reference), else centred and projected onto their top-`width` principal directions.
+    (the reference), else centred and projected onto their top-`width` principal directions
+    (found on a sample of PCA_SAMPLE items in larger catalogues).
     Items lacking a modality average only what they have; the padding row is zero. With
     `rescale` (ours; the reference keeps the features' own scale) the table is rescaled to the
     standard deviation of `like`: the features then set the directions of the ID vectors, not
@@ -102,26 +104,46 @@ def initial_id_table(
     sources = {"mean_cls": tuple(f for f in (text, image) if f is not None), "text_cls": (text,), "image_cls": (image,)}[how]
     if not sources or any(f is None for f in sources):
         raise ValueError(f"id_init {how!r} needs the features it names; use id_init 'random' for this variant")
+    # The (N+1, width) sums are float64 as before (narrow: 51 MB at 100k items); the wide CLS
+    # features are only ever converted in bounded pieces (_to_width).
     total = torch.zeros(like.shape, dtype=torch.float64)
     count = torch.zeros(like.shape[0], 1, dtype=torch.float64)
     for features in sources:
-        cls = features.tokens[:, 0].double()
         present = features.present.clone()
         present[0] = False
-        total[present] += _to_width(cls[present], width)
-        count[present] += 1
+        rows = present.nonzero().squeeze(1)
+        total[rows] += _to_width(features.tokens[:, 0], rows, width)
+        count[rows] += 1
     table = total / count.clamp(min=1)
     if rescale:
         table = table * like[1:].double().std() / table[1:].std().clamp(min=1e-12)
     return table.to(like.dtype)
 
 
-def _to_width(x: torch.Tensor, width: int) -> torch.Tensor:
-    if x.shape[1] == width:
-        return x
-    centred = x - x.mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    out = centred @ vh[:width].T
+PCA_SAMPLE = 20_000  # items whose CLS features fix the principal directions (float64: 200 MB at D = 1280)
+PCA_SEED = 0
+PROJECT_ROWS = 8192  # items centred and projected at a time above PCA_SAMPLE
+
+
+def _to_width(cls: torch.Tensor, rows: torch.Tensor, width: int, sample: int = PCA_SAMPLE) -> torch.Tensor:
+    """The CLS features (N+1, D) of `rows` at `width` dims, float64 (len(rows), width): as they are
+    when D == width, else centred and projected onto their top-`width` principal directions.
+
+    Up to `sample` rows: one exact SVD of all of them. Above: the mean over all rows, the
+    directions from the SVD of a seeded sample of `sample` rows, and the projection in blocks,
+    so that memory stays bounded by the sample, not the catalogue."""
+    if cls.shape[1] == width:
+        return cls[rows].double()
+    if len(rows) <= sample:
+        centred = cls[rows].double()
+        centred -= centred.mean(0)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        out = centred @ vh[:width].T
+    else:
+        mean = sum(cls[block].double().sum(0) for block in rows.split(PROJECT_ROWS)) / len(rows)
+        chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(PCA_SEED))[:sample].sort().values
+        _, _, vh = torch.linalg.svd(cls[rows[chosen]].double() - mean, full_matrices=False)
+        out = torch.cat([(cls[block].double() - mean) @ vh[:width].T for block in rows.split(PROJECT_ROWS)])
     return nn.functional.pad(out, (0, width - out.shape[1]))  # fewer dims than width: zero-fill
 
 

@@ -125,9 +125,11 @@ class ODMT(SequentialRecommender):
         text: TokenFeatures | None = None,
         image: TokenFeatures | None = None,
         sources: tuple[str, ...] = THREE,
+        content_init: bool = True,
     ):
         """``sources``: the inputs this run uses (train.modalities); the variant reads those of
-        them it names."""
+        them it names. ``content_init``: initialise the ID table from the features (cfg.id_init);
+        False when trained weights are loaded over it anyway."""
         super().__init__()
         variant = VARIANTS[cfg.variant]
         self.cfg, self.num_items = cfg, num_items
@@ -163,7 +165,7 @@ class ODMT(SequentialRecommender):
                 # Ours (head_init_scale < 1): small item vectors at the start, as a random ID
                 # embedding gives, so that the in-batch logits of IMT outputs do not start saturated.
                 head[-1].weight.mul_(cfg.head_init_scale)
-            if item_sources.id_table is not None and cfg.variant != "sasrec_id":
+            if content_init and item_sources.id_table is not None and cfg.variant != "sasrec_id":
                 table = initial_id_table(cfg.id_init, cfg.width, text, image, like=item_sources.id_table.weight, rescale=cfg.id_init_rescale)
                 if table is not None:
                     item_sources.id_table.weight.copy_(table)

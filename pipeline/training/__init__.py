@@ -93,15 +93,16 @@ def find_sources(cfg: TrainConfig) -> Sources:
     return Sources(used, present)
 
 
-def build_model(cfg: TrainConfig, num_items: int, sources: tuple[str, ...] | None = None) -> ODMT:
+def build_model(cfg: TrainConfig, num_items: int, sources: tuple[str, ...] | None = None, content_init: bool = True) -> ODMT:
     """The model of cfg.model on ``sources`` (default: find_sources), reading the feature files
-    it needs."""
+    it needs: only the tokens the model keeps (model.text_tokens / image_tokens). Without
+    ``content_init`` the ID table is left random (for loading a trained state over it)."""
     if sources is None:
         sources = find_sources(cfg).used
     reads = VARIANTS[cfg.model.variant].sources & set(sources)
-    text = load_features(cfg.text_features, num_items) if "text" in reads else None
-    image = load_features(cfg.image_features, num_items) if "image" in reads else None
-    return ODMT(cfg.model, num_items, text, image, tuple(sources))
+    text = load_features(cfg.text_features, num_items, cfg.model.text_tokens) if "text" in reads else None
+    image = load_features(cfg.image_features, num_items, cfg.model.image_tokens) if "image" in reads else None
+    return ODMT(cfg.model, num_items, text, image, tuple(sources), content_init)
 
 
 def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[ODMT, dict[str, Any]]:
@@ -113,6 +114,7 @@ def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[ODM
         raise FileNotFoundError(f"{path}: no trained model; run the train stage for this variant and seed")
     saved = checkpoint.load(path)
     cfg = from_dict(TrainConfig, saved["params"], f"{path} params")
-    model = build_model(cfg, saved["info"]["num_items"], saved["info"].get("sources"))
+    # The saved state replaces the ID table: no content initialisation (an SVD) to compute first.
+    model = build_model(cfg, saved["info"]["num_items"], saved["info"].get("sources"), content_init=False)
     model.load_state_dict(saved["state_dict"])
     return model.to(device).eval(), saved["info"]

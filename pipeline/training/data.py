@@ -75,10 +75,11 @@ def present_fraction(path: str | Path) -> float:
     return float(present.mean()) if len(present) else 0.0
 
 
-def load_features(path: str | Path, num_items: int) -> TokenFeatures:
+def load_features(path: str | Path, num_items: int, max_tokens: int | None = None) -> TokenFeatures:
+    """The feature file's first ``max_tokens`` tokens per item (all when None)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: feature file not found; run the feature stages first (dvc repro)")
-    return load_token_features(path, num_items)
+    return load_token_features(path, num_items, max_tokens)
 
 
 def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
