@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,7 +31,7 @@ import torch
 
 from pipeline.config import to_dict
 from pipeline.io import parquet_writer, write_json
-from pipeline.metrics import ExcludeHistory, excluded_items
+from pipeline.metrics import ExcludeHistory
 from pipeline.models.base import SequentialRecommender
 from pipeline.progress import Progress, log
 
@@ -91,53 +90,116 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class Ragged:
+    """Rows of different lengths as one flat array: row i is ``values[offsets[i]:offsets[i + 1]]``.
+    Users' histories live in this form from the Parquet list column on, so that 1M users cost
+    a few array operations, not a Python object and a loop step each."""
+
+    values: np.ndarray  # (total,) int32
+    offsets: np.ndarray  # (rows + 1,) int64, starting at 0
+
+    @classmethod
+    def from_lengths(cls, values: np.ndarray, lengths: np.ndarray) -> Ragged:
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.asarray(values, dtype=np.int32), offsets)
+
+    @classmethod
+    def from_arrow(cls, lists: pa.Array | pa.ChunkedArray) -> Ragged:
+        """From a (large_)list<int> column without nulls, chunk by chunk (no combined copy)."""
+        chunks = lists.chunks if isinstance(lists, pa.ChunkedArray) else [lists]
+        values = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunks]  # flatten() honours slices
+        lengths = [np.diff(chunk.offsets.to_numpy()) for chunk in chunks]
+        return cls.from_lengths(np.concatenate([np.zeros(0, np.int32), *values]), np.concatenate([np.zeros(0, np.int64), *lengths]))
+
+    @classmethod
+    def empty(cls, rows: int) -> Ragged:
+        return cls.from_lengths(np.zeros(0, np.int32), np.zeros(rows, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def rows(self, block: slice) -> Ragged:
+        """The contiguous rows ``block`` (step 1), sharing this one's values."""
+        start, stop, step = block.indices(len(self))
+        if step != 1:
+            raise ValueError("Ragged.rows takes a contiguous slice")
+        offsets = self.offsets[start : max(start, stop) + 1]
+        return Ragged(self.values[offsets[0] : offsets[-1]], offsets - offsets[0])
+
+    def row_ids(self) -> np.ndarray:
+        """(total,) the row of each value."""
+        return np.repeat(np.arange(len(self)), self.lengths())
+
+    def append(self, column: np.ndarray) -> Ragged:
+        """Each row followed by ``column[row]``."""
+        lengths = self.lengths() + 1
+        out = Ragged.from_lengths(np.empty(len(self.values) + len(self), np.int32), lengths)
+        out.values[out.offsets[1:] - 1] = column
+        out.values[np.arange(len(self.values)) + self.row_ids()] = self.values  # row r shifts by the r items appended before it
+        return out
+
+    def where(self, keep: np.ndarray) -> Ragged:
+        """The values where ``keep`` (a mask over values), each row keeping its own."""
+        return Ragged.from_lengths(self.values[keep], np.bincount(self.row_ids()[keep], minlength=len(self)))
+
+
+@dataclass(frozen=True)
 class SplitUsers:
     """The evaluation protocol of one split: every user's history (the model input), the item to
     predict and the items left out of the user's ranking."""
 
     split: str
     user_idx: np.ndarray  # (U,) int32
-    histories: list[np.ndarray]  # per user, oldest first
+    histories: Ragged  # per user, oldest first
     targets: np.ndarray  # (U,) int32
-    excluded: list[np.ndarray]  # per user: never ranked (the history, under exclude_history)
+    excluded: Ragged  # per user: never ranked (the history, under exclude_history)
 
     def __len__(self) -> int:
         return len(self.user_idx)
 
     def targets_in_history(self) -> int:
         """Users whose target is also in their history (repeat consumption)."""
-        return int(sum(t in h for t, h in zip(self.targets, self.histories)))
+        owners = self.histories.row_ids()
+        repeated = owners[self.histories.values == self.targets[owners]]
+        return len(np.unique(repeated))
 
 
 def split_users(sequences: pa.Table, split: str, exclude_history: ExcludeHistory = "all") -> SplitUsers:
     """valid: history = train_items, target = valid_item; test: history = train_items +
     valid_item, target = test_item (leave-one-out, see pipeline/schema.py SEQUENCES); the
-    excluded items by pipeline.metrics.excluded_items."""
+    excluded items as pipeline.metrics.excluded_items defines them per user, for all users at once."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
-    train = [np.asarray(t, dtype=np.int32) for t in sequences.column("train_items").to_pylist()]
+    train = Ragged.from_arrow(sequences.column("train_items"))
     valid = sequences.column("valid_item").to_numpy().astype(np.int32)
     if split == "valid":
         histories, targets = train, valid
     else:
-        histories = [np.append(t, v).astype(np.int32) for t, v in zip(train, valid)]
-        targets = sequences.column("test_item").to_numpy().astype(np.int32)
-    excluded = [excluded_items(h, t, exclude_history) for h, t in zip(histories, targets)]
+        histories, targets = train.append(valid), sequences.column("test_item").to_numpy().astype(np.int32)
+    if exclude_history == "all":
+        excluded = histories
+    elif exclude_history == "all_but_target":
+        excluded = histories.where(histories.values != targets[histories.row_ids()])
+    else:
+        raise ValueError(f"unknown exclude_history {exclude_history!r} (expected all or all_but_target)")
     return SplitUsers(split, sequences.column("user_idx").to_numpy().astype(np.int32), histories, targets, excluded)
 
 
-def left_pad(histories: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """(U, width) int64: each history's last `width` items, right-aligned, 0 = padding. One
-    scatter from the concatenated histories, not a Python step per user (1M users at scale)."""
-    lengths = np.fromiter(map(len, histories), dtype=np.int64, count=len(histories))
-    kept = np.minimum(lengths, width)
-    out = np.zeros((len(histories), width), dtype=np.int64)
-    if kept.sum() == 0:
-        return torch.from_numpy(out)
-    flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+def left_pad(rows: Ragged, width: int) -> torch.Tensor:
+    """(U, width) int64: each row's last `width` items, right-aligned, 0 = padding. One scatter
+    from the flat values, not a Python step per user (1M users at scale)."""
+    kept = np.minimum(rows.lengths(), width)
+    out = np.zeros((len(rows), width), dtype=np.int64)
     within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)  # 0.. in each kept tail
-    source = np.repeat(np.cumsum(lengths) - kept, kept) + within
-    out[np.repeat(np.arange(len(histories)), kept), np.repeat(width - kept, kept) + within] = flat[source]
+    source = np.repeat(rows.offsets[1:] - kept, kept) + within
+    out[np.repeat(np.arange(len(rows)), kept), np.repeat(width - kept, kept) + within] = rows.values[source]
     return torch.from_numpy(out)
 
 
@@ -187,19 +249,18 @@ def build_index(vectors: np.ndarray, config: IndexConfig, gpu: bool = False) -> 
     return index
 
 
-def search_unseen(index: faiss.Index, queries: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k items per query, best first, skipping the query's history.
+def search_unseen(index: faiss.Index, queries: np.ndarray, excluded: Ragged, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k items per query, best first, skipping the query's row of ``excluded``.
 
     Returns items (B, k) int32 and scores (B, k) float32; a row has fewer than k real items
     only when the index returned fewer unseen ones, the rest is item 0 with score -inf.
     """
-    fetch = min(k + max((len(h) for h in histories), default=0), index.ntotal)
+    fetch = min(k + int(excluded.lengths().max(initial=0)), index.ntotal)
     scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
     items = (rows + 1).astype(np.int64)  # row -1 (nothing found) becomes item 0
-    # Membership of (query, item) in that query's history, vectorised as one sorted lookup.
+    # Membership of (query, item) in that query's excluded items, vectorised as one sorted lookup.
     width = index.ntotal + 1
-    owner = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
-    seen_keys = owner * width + np.concatenate([np.asarray(h, dtype=np.int64) for h in histories] or [np.zeros(0, np.int64)])
+    seen_keys = excluded.row_ids() * width + excluded.values
     found_keys = np.arange(len(items))[:, None] * width + items
     keep = (items > 0) & ~np.isin(found_keys, seen_keys)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept results first, order preserved
@@ -249,7 +310,7 @@ def catalogue_vectors(model: SequentialRecommender) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def user_matrix(model: SequentialRecommender, histories: list[np.ndarray], max_len: int, item_vectors: torch.Tensor) -> np.ndarray:
+def user_matrix(model: SequentialRecommender, histories: Ragged, max_len: int, item_vectors: torch.Tensor) -> np.ndarray:
     """(U, B*d) float32 user vectors, their items gathered from ``item_vectors`` (catalogue_vectors)."""
     inputs = left_pad(histories, max_len).to(item_vectors.device)
     return model.user_vectors(inputs, item_vectors).float().cpu().numpy()
@@ -292,8 +353,8 @@ def score_split(
     users, longest history and, for an approximate index, recall@K per ranking.
     ``item_vectors``: the model's catalogue_vectors, which ``indexes`` hold."""
     columns = ranking_columns(model)
-    longest = max((len(h) for h in users.histories), default=0)
-    if indexes.gpu and config.k + max((len(e) for e in users.excluded), default=0) > GPU_MAX_K:
+    longest = int(users.histories.lengths().max(initial=0))
+    if indexes.gpu and config.k + int(users.excluded.lengths().max(initial=0)) > GPU_MAX_K:
         raise ValueError(
             f"score.k ({config.k}) + longest history ({longest}) exceeds the FAISS GPU limit of {GPU_MAX_K} results "
             "per query: lower score.k or set score.device: cpu"
@@ -303,7 +364,7 @@ def score_split(
     with parquet_writer(path, candidates_schema(list(columns)), metadata) as writer:
         for start in range(0, len(users), config.user_block_size):
             block = slice(start, start + config.user_block_size)
-            histories, excluded = users.histories[block], users.excluded[block]
+            histories, excluded = users.histories.rows(block), users.excluded.rows(block)
             vectors = user_matrix(model, histories, max_len, item_vectors)
             rows = {"user_idx": pa.array(users.user_idx[block], pa.int32())}
             for name, (cols, factor) in columns.items():

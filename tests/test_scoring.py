@@ -17,7 +17,9 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.evaluation import EvaluateConfig, evaluate_run
 from pipeline.io import read_json, read_metadata
 from pipeline.models.base import SequentialRecommender
+from pipeline.metrics import excluded_items
 from pipeline.scoring import IndexConfig, candidate_columns, ScoreConfig, build_index, left_pad, score_run, search_unseen, split_users, use_gpu
+from tests.toy import ragged, rows_of
 
 MAX_LEN = 6
 
@@ -58,7 +60,7 @@ def toy_sequences(num_users: int, num_items: int, seed: int = 0, max_history: in
 def brute_force(model: ToyRecommender, histories, cols: slice, factor: float, k: int):
     """The model's own scores over all items, padding and history masked, sorted."""
     with torch.no_grad():
-        users = model.user_vectors(left_pad(histories, MAX_LEN))[:, cols] * factor
+        users = model.user_vectors(left_pad(ragged(histories), MAX_LEN))[:, cols] * factor
         scores = users @ model.item_vectors()[:, cols].T
     scores[:, 0] = -torch.inf
     for row, history in enumerate(histories):
@@ -86,7 +88,7 @@ def test_exact_candidates_equal_brute_force_ranking_for_fused_and_each_branch(tm
         for ranking, (cols, factor) in columns.items():
             user_idx, items, scores = read_candidates(tmp_path / f"{split}.parquet", ranking)
             assert np.array_equal(user_idx, users.user_idx)
-            want_items, want_scores = brute_force(model, users.histories, cols, factor, k)
+            want_items, want_scores = brute_force(model, rows_of(users.histories), cols, factor, k)
             np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
             # Same order, except where two neighbouring scores tie within float rounding.
             gaps = np.abs(np.diff(want_scores, axis=1))
@@ -104,7 +106,7 @@ def test_history_is_never_returned_and_k_items_come_back_when_the_catalogue_has_
     histories = [rng.choice(np.arange(1, num_items + 1), size=n, replace=False) for n in (0, 3, 20, 25, 28, 30)]
     # Queries pointing at their own history: unfiltered, the history would fill the top ranks.
     queries = np.stack([vectors[h - 1].sum(0) if len(h) else vectors[0] for h in histories])
-    items, scores = search_unseen(index, queries, histories, k)
+    items, scores = search_unseen(index, queries, ragged(histories), k)
     assert items.shape == (len(histories), k)
     for row, history in enumerate(histories):
         available = min(k, num_items - len(history))
@@ -161,8 +163,8 @@ def test_exact_index_reports_no_recall_and_one_branch_model_has_only_the_fused_r
 def test_split_protocol_and_left_padding():
     table = pa.table({"user_idx": [0, 1], "user_key": ["a", "b"], "train_items": [[5, 6, 7], [9]], "valid_item": [8, 3], "test_item": [2, 4]}).cast(schema.SEQUENCES)
     valid, test = split_users(table, "valid"), split_users(table, "test")
-    assert [h.tolist() for h in valid.histories] == [[5, 6, 7], [9]] and valid.targets.tolist() == [8, 3]
-    assert [h.tolist() for h in test.histories] == [[5, 6, 7, 8], [9, 3]] and test.targets.tolist() == [2, 4]
+    assert [h.tolist() for h in rows_of(valid.histories)] == [[5, 6, 7], [9]] and valid.targets.tolist() == [8, 3]
+    assert [h.tolist() for h in rows_of(test.histories)] == [[5, 6, 7, 8], [9, 3]] and test.targets.tolist() == [2, 4]
     assert left_pad(test.histories, 3).tolist() == [[6, 7, 8], [0, 9, 3]]
 
 
@@ -187,8 +189,45 @@ def test_asking_for_a_gpu_without_one_says_what_to_do():
 def test_gpu_flat_index_ranks_like_the_cpu_one():
     rng = np.random.default_rng(2)
     vectors, queries = rng.standard_normal((500, 24), dtype=np.float32), rng.standard_normal((40, 24), dtype=np.float32)
-    histories = [rng.choice(np.arange(1, 501), size=10, replace=False) for _ in range(40)]
+    histories = ragged([rng.choice(np.arange(1, 501), size=10, replace=False) for _ in range(40)])
     cpu_items, cpu_scores = search_unseen(build_index(vectors, IndexConfig()), queries, histories, 20)
     gpu_items, gpu_scores = search_unseen(build_index(vectors, IndexConfig(), gpu=True), queries, histories, 20)
     np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-4, atol=1e-4)
     assert (gpu_items == cpu_items).mean() > 0.99  # equal up to near-ties
+
+
+# --- flat arrays instead of per-user Python ---------------------------------------------------
+
+
+def random_sequences(num_users: int, num_items: int, seed: int) -> pa.Table:
+    """Histories of 0..9 items (repeats allowed), a quarter of the targets taken from the user's
+    own history; split into three record batches, the middle one a slice, as Parquet reads come."""
+    rng = np.random.default_rng(seed)
+    train = [rng.integers(1, num_items + 1, size=rng.integers(0, 10)).tolist() for _ in range(num_users)]
+    valid = rng.integers(1, num_items + 1, size=num_users)
+    test = rng.integers(1, num_items + 1, size=num_users)
+    for user in range(0, num_users, 4):
+        if train[user]:
+            valid[user], test[user] = train[user][-1], train[user][0]
+    table = pa.table({"user_idx": np.arange(num_users), "user_key": [f"u{u}" for u in range(num_users)], "train_items": train, "valid_item": valid, "test_item": test}).cast(schema.SEQUENCES)
+    third = num_users // 3
+    return pa.concat_tables([table.slice(0, third), table.slice(third, third), table.slice(2 * third)])
+
+
+@pytest.mark.parametrize("exclude", ["all", "all_but_target"])
+def test_split_users_equals_the_per_user_definition(exclude):
+    table = random_sequences(60, 12, seed=7)
+    assert table.column("train_items").num_chunks == 3 and any(len(h) == 0 for h in table.column("train_items").to_pylist())
+    train = [np.array(h, dtype=np.int32) for h in table.column("train_items").to_pylist()]
+    valid, test = table.column("valid_item").to_pylist(), table.column("test_item").to_pylist()
+    expected = {"valid": (train, valid), "test": ([np.append(h, v).astype(np.int32) for h, v in zip(train, valid)], test)}
+    for split, (histories, targets) in expected.items():
+        users = split_users(table, split, exclude)
+        assert [h.tolist() for h in rows_of(users.histories)] == [h.tolist() for h in histories]
+        assert users.targets.tolist() == targets
+        assert [e.tolist() for e in rows_of(users.excluded)] == [excluded_items(h, t, exclude).tolist() for h, t in zip(histories, targets)]
+        assert users.targets_in_history() == sum(t in h for h, t in zip(histories, targets)) > 0
+        width = 4
+        padded = [[0] * (width - len(h[-width:])) + h[-width:].tolist() for h in histories]
+        assert left_pad(users.histories, width).tolist() == padded
+        assert left_pad(users.histories.rows(slice(10, 25)), width).tolist() == padded[10:25]
