@@ -12,7 +12,13 @@ but a repeated target): FAISS cannot filter per query, so each query fetches K +
 excluded list in its block) results and drops its own excluded items; at least K unseen items survive whenever the
 catalogue has them. Padding (item 0) is never added to the index, so it is never returned.
 Users are scored in blocks of ``user_block_size``: memory grows with the block, not with
-users x items.
+users x items. Histories stay flat arrays with offsets (Ragged) from the Parquet list column to
+the model input: no Python object or loop step per user.
+
+Engines (``score.device``, recorded in scoring.json): FAISS on the CPU; FAISS's GPU index; or,
+on a GPU without FAISS's GPU build (its wheels need CUDA 12), an exact blocked torch matmul +
+top-k (TorchFlatIndex) behind the same search interface. Under torchrun the users of each split
+are shared out among the ranks in whole blocks and rank 0 merges the parts (score_run).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from typing import Literal
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 
 from pipeline.config import to_dict
 from pipeline.io import parquet_writer, write_json
@@ -79,7 +87,10 @@ class ScoreConfig:
     k: int = 50  # candidates kept per user and ranking (metrics are computed at cutoffs <= k)
     index: IndexConfig = field(default_factory=IndexConfig)
     user_block_size: int = 2048  # users encoded and searched together
-    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when FAISS has one
+    # auto: a GPU when there is one (FAISS's GPU index, else exact torch search), else the CPU;
+    # gpu: as auto, but fail without a GPU; cpu: FAISS on the CPU (see search_engine)
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 2
 
     def validate(self) -> None:
         if self.k < 1 or self.user_block_size < 1:
@@ -203,7 +214,11 @@ def left_pad(rows: Ragged, width: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-# --- FAISS -----------------------------------------------------------------------------------
+# --- search engines: FAISS, or torch on a GPU without FAISS's GPU build ----------------------
+
+# Where the exact search runs: FAISS on the CPU; FAISS's GPU index; or, on a GPU whose CUDA the
+# FAISS GPU wheels do not support, a blocked torch matmul + top-k (TorchFlatIndex).
+Engine = Literal["faiss-cpu", "faiss-gpu", "torch-cuda"]
 
 
 def available_cpus() -> int:
@@ -211,14 +226,18 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def use_gpu(device: str) -> bool:
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
-    if device == "gpu" and gpus == 0:
-        raise RuntimeError(
-            "score.device is 'gpu' but FAISS sees no GPU (faiss-cpu installed, or no CUDA device): "
-            "install requirements-gpu.txt or set score.device to auto or cpu"
-        )
-    return device != "cpu" and gpus > 0
+def search_engine(device: str) -> Engine:
+    """score.device -> engine: cpu: FAISS on the CPU; auto and gpu: FAISS's GPU index when the
+    FAISS GPU build sees a GPU, else torch on CUDA when there is one; auto falls back to the CPU."""
+    if device == "cpu":
+        return "faiss-cpu"
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return "faiss-gpu"
+    if torch.cuda.is_available():
+        return "torch-cuda"
+    if device == "gpu":
+        raise RuntimeError("score.device is 'gpu' but there is no CUDA device (for FAISS or torch): set score.device to auto or cpu")
+    return "faiss-cpu"
 
 
 @functools.cache
@@ -226,11 +245,43 @@ def _gpu_resources():
     return faiss.StandardGpuResources()  # one per process; must outlive every GPU index
 
 
-def build_index(vectors: np.ndarray, config: IndexConfig, gpu: bool = False) -> faiss.Index:
-    """Inner-product index over ``vectors`` (n, d): row r is item r + 1 (padding left out)."""
+class TorchFlatIndex:
+    """Exact inner-product search as a blocked torch matmul and a running top-k, on any torch
+    device; answers ``search`` as a FAISS flat index does (scores and rows, best first), so
+    search_unseen treats both alike. Memory: one (queries x item_block_size) score block."""
+
+    def __init__(self, vectors: np.ndarray, device: torch.device | str, item_block_size: int = 65536):
+        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
+        self.ntotal = len(self.vectors)
+        self.item_block_size = item_block_size
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (B, k), for k <= ntotal."""
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.vectors.device)
+        best_scores = q.new_empty((len(q), 0))
+        best_rows = torch.empty((len(q), 0), dtype=torch.int64, device=q.device)
+        for start in range(0, self.ntotal, self.item_block_size):
+            scores = q @ self.vectors[start : start + self.item_block_size].T
+            block = scores.topk(min(k, scores.shape[1]), dim=1)
+            scores = torch.cat([best_scores, block.values], dim=1)
+            rows = torch.cat([best_rows, block.indices + start], dim=1)
+            best = scores.topk(min(k, scores.shape[1]), dim=1)
+            best_scores, best_rows = best.values, rows.gather(1, best.indices)
+        return best_scores.cpu().numpy(), best_rows.cpu().numpy()
+
+
+SearchIndex = faiss.Index | TorchFlatIndex
+
+
+def build_index(vectors: np.ndarray, config: IndexConfig, engine: Engine = "faiss-cpu") -> SearchIndex:
+    """Inner-product index over ``vectors`` (n, d): row r is item r + 1 (padding left out).
+    Under torch-cuda only the exact (flat) index runs on the GPU; IVF and HNSW stay FAISS on the CPU."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     if config.type == "flat":
+        if engine == "torch-cuda":
+            return TorchFlatIndex(vectors, torch.device("cuda", torch.cuda.current_device()))
         index = faiss.IndexFlatIP(d)
     elif config.type == "ivf":
         nlist = min(config.nlist or round(4 * math.sqrt(n)), n)
@@ -244,12 +295,13 @@ def build_index(vectors: np.ndarray, config: IndexConfig, gpu: bool = False) -> 
         index.hnsw.efConstruction = config.ef_construction
         index.hnsw.efSearch = config.ef_search
     index.add(vectors)
-    if gpu and config.type != "hnsw":  # FAISS has no GPU HNSW; it stays on the CPU
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+    if engine == "faiss-gpu" and config.type != "hnsw":  # FAISS has no GPU HNSW; it stays on the CPU
+        gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0  # this rank's GPU under torchrun
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), gpu, index)
     return index
 
 
-def search_unseen(index: faiss.Index, queries: np.ndarray, excluded: Ragged, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_unseen(index: SearchIndex, queries: np.ndarray, excluded: Ragged, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k items per query, best first, skipping the query's row of ``excluded``.
 
     Returns items (B, k) int32 and scores (B, k) float32; a row has fewer than k real items
@@ -320,23 +372,32 @@ def user_matrix(model: SequentialRecommender, histories: Ragged, max_len: int, i
 class Indexes:
     """One index per ranking, plus exact ones to measure an approximate index against."""
 
-    searched: dict[str, faiss.Index]
-    exact: dict[str, faiss.Index] | None  # None when `searched` is already exact
-    gpu: bool
+    searched: dict[str, SearchIndex]
+    exact: dict[str, SearchIndex] | None  # None when `searched` is already exact
+    engine: Engine  # where the exact search runs
 
 
 def build_indexes(model: SequentialRecommender, item_vectors: torch.Tensor, config: ScoreConfig) -> Indexes:
-    """The indexes over ``item_vectors`` (catalogue_vectors), padding row dropped: FAISS row r = item r + 1."""
-    gpu = use_gpu(config.device)
+    """The indexes over ``item_vectors`` (catalogue_vectors), padding row dropped: index row r = item r + 1."""
+    engine = search_engine(config.device)
     items = item_vectors[1:].float().cpu().numpy()
     columns = ranking_columns(model)
-    searched = {name: build_index(items[:, cols], config.index, gpu) for name, (cols, _) in columns.items()}
+    searched = {name: build_index(items[:, cols], config.index, engine) for name, (cols, _) in columns.items()}
     exact = None
     if config.index.type != "flat":
-        exact = {name: build_index(items[:, cols], IndexConfig(type="flat"), gpu) for name, (cols, _) in columns.items()}
-    where = "GPU" if gpu else f"CPU, {faiss.omp_get_max_threads()} threads"
+        exact = {name: build_index(items[:, cols], IndexConfig(type="flat"), engine) for name, (cols, _) in columns.items()}
+    where = f"{engine}, {faiss.omp_get_max_threads()} CPU threads" if engine == "faiss-cpu" else engine
     log.info("indexes: %s over %d items x %d dims (%s)", config.index.type, items.shape[0], items.shape[1], where)
-    return Indexes(searched, exact, gpu)
+    return Indexes(searched, exact, engine)
+
+
+def rank_share(users: int, block_size: int, rank: int, world_size: int) -> slice:
+    """The users that rank ``rank`` of ``world_size`` scores: a contiguous run of whole user
+    blocks, so that the ranks' parts, one after the other, hold the single-process file's row
+    groups."""
+    blocks = -(-users // block_size)
+    first, last = blocks * rank // world_size, blocks * (rank + 1) // world_size
+    return slice(first * block_size, min(last * block_size, users))
 
 
 def score_split(
@@ -348,40 +409,40 @@ def score_split(
     config: ScoreConfig,
     path: Path,
     metadata: dict,
-) -> dict:
-    """Write ``path`` (candidates_schema rows, block by block) and return what was measured:
-    users, longest history and, for an approximate index, recall@K per ranking.
+    share: slice = slice(None),
+) -> dict[str, list[float]]:
+    """Write ``path`` (candidates_schema rows, one row group per user block) for the users of
+    ``share`` (a rank's part under torchrun; it starts at a block boundary) and return, for an
+    approximate index, each block's recall@K times its users, per ranking (empty when exact).
     ``item_vectors``: the model's catalogue_vectors, which ``indexes`` hold."""
     columns = ranking_columns(model)
-    longest = int(users.histories.lengths().max(initial=0))
-    if indexes.gpu and config.k + int(users.excluded.lengths().max(initial=0)) > GPU_MAX_K:
+    longest_excluded = int(users.excluded.lengths().max(initial=0))
+    if indexes.engine == "faiss-gpu" and config.k + longest_excluded > GPU_MAX_K:
         raise ValueError(
-            f"score.k ({config.k}) + longest history ({longest}) exceeds the FAISS GPU limit of {GPU_MAX_K} results "
+            f"score.k ({config.k}) + longest history ({longest_excluded}) exceeds the FAISS GPU limit of {GPU_MAX_K} results "
             "per query: lower score.k or set score.device: cpu"
         )
-    recall_hits = {name: 0.0 for name in columns}
-    progress = Progress(f"score {users.split}", total=len(users), unit="users")
+    recall_hits: dict[str, list[float]] = {name: [] for name in columns} if indexes.exact is not None else {}
+    first, last, _ = share.indices(len(users))
+    progress = Progress(f"score {users.split}", total=last - first, unit="users")
     with parquet_writer(path, candidates_schema(list(columns)), metadata) as writer:
-        for start in range(0, len(users), config.user_block_size):
-            block = slice(start, start + config.user_block_size)
-            histories, excluded = users.histories.rows(block), users.excluded.rows(block)
-            vectors = user_matrix(model, histories, max_len, item_vectors)
+        for start in range(first, last, config.user_block_size):
+            block = slice(start, min(start + config.user_block_size, last))
+            excluded = users.excluded.rows(block)
+            vectors = user_matrix(model, users.histories.rows(block), max_len, item_vectors)
             rows = {"user_idx": pa.array(users.user_idx[block], pa.int32())}
             for name, (cols, factor) in columns.items():
                 queries = vectors[:, cols] * np.float32(factor)
                 items, scores = search_unseen(indexes.searched[name], queries, excluded, config.k)
                 if indexes.exact is not None:
                     exact_items, _ = search_unseen(indexes.exact[name], queries, excluded, config.k)
-                    recall_hits[name] += recall_against(items, exact_items) * len(items)
+                    recall_hits[name].append(recall_against(items, exact_items) * len(items))
                 items_col, scores_col = candidate_columns(name)
                 rows[items_col], rows[scores_col] = _ragged(items, scores)
             writer.write_table(pa.table(rows, schema=writer.schema))
-            progress.update(len(histories))
+            progress.update(len(excluded))
     progress.close()
-    measured = {"users": len(users), "longest_history": longest}
-    if indexes.exact is not None:
-        measured[f"recall@{config.k}"] = {name: hits / max(len(users), 1) for name, hits in recall_hits.items()}
-    return measured
+    return recall_hits
 
 
 def _ragged(items: np.ndarray, scores: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
@@ -395,6 +456,19 @@ def _ragged(items: np.ndarray, scores: np.ndarray) -> tuple[pa.ListArray, pa.Lis
     )
 
 
+def merge_parts(parts: list[Path], path: Path, schema: pa.Schema, metadata: dict) -> None:
+    """The ranks' part files, in rank order, into ``path``: row group for row group, through
+    the same writer, so the file equals the one a single process writes."""
+    with parquet_writer(path, schema, metadata) as writer:
+        for part in parts:
+            part_file = pq.ParquetFile(part)
+            for group in range(part_file.num_row_groups):
+                writer.write_table(part_file.read_row_group(group))
+            part_file.close()
+    for part in parts:
+        part.unlink()
+
+
 def score_run(
     model: SequentialRecommender,
     max_len: int,
@@ -405,7 +479,15 @@ def score_run(
     exclude_history: ExcludeHistory = "all",
 ) -> dict:
     """Candidates of every split into ``out_dir``/{valid,test}.parquet, and
-    ``out_dir``/scoring.json: the settings and recall figures the evaluation records."""
+    ``out_dir``/scoring.json: the settings and recall figures the evaluation records.
+
+    Under torchrun (a torch.distributed process group is up), each rank encodes the catalogue,
+    builds its indexes and scores its rank_share of each split's users into a part file; rank 0
+    merges the parts into the one file and writes scoring.json, both equal to a single
+    process's."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    # Every rank takes the threads one process would, though ranks on one machine then share its
+    # CPUs: FAISS's scores change in the last bits with its thread count (the BLAS blocking).
     faiss.omp_set_num_threads(available_cpus())
     model.eval()
     item_vectors = catalogue_vectors(model)  # the catalogue's one pass through the item encoder
@@ -415,15 +497,32 @@ def score_run(
         "k": config.k,
         "items": indexes.searched["fused"].ntotal,
         "index": to_dict(config.index),
+        "engine": indexes.engine,
         "rankings": list(ranking_columns(model)),
         "exclude_history": exclude_history,
         "max_len": max_len,
         "splits": {},
     }
+    schema = candidates_schema(summary["rankings"])
     for split in SPLITS:
         users = split_users(sequences, split, exclude_history)
         metadata = {**provenance, "split": split, **{key: summary[key] for key in ("k", "index", "max_len", "exclude_history")}}
-        summary["splits"][split] = score_split(model, users, max_len, item_vectors, indexes, config, out_dir / f"{split}.parquet", metadata)
-    write_json(summary, out_dir / "scoring.json")
+        path = out_dir / f"{split}.parquet"
+        if world_size == 1:
+            recall_hits = score_split(model, users, max_len, item_vectors, indexes, config, path, metadata)
+        else:
+            parts = [out_dir / f".{split}.part{r}.parquet" for r in range(world_size)]
+            share = rank_share(len(users), config.user_block_size, rank, world_size)
+            gathered: list = [None] * world_size
+            # all_gather_object also waits for every rank: each part is complete after it.
+            dist.all_gather_object(gathered, score_split(model, users, max_len, item_vectors, indexes, config, parts[rank], metadata, share))
+            recall_hits = {name: [hits for part in gathered for hits in part[name]] for name in gathered[0]}
+            if rank == 0:
+                merge_parts(parts, path, schema, metadata)
+        measured = {"users": len(users), "longest_history": int(users.histories.lengths().max(initial=0))}
+        if recall_hits:  # summed block by block in user order, as one process does
+            measured[f"recall@{config.k}"] = {name: sum(hits) / max(len(users), 1) for name, hits in recall_hits.items()}
+        summary["splits"][split] = measured
+    if rank == 0:
+        write_json(summary, out_dir / "scoring.json")
     return summary
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import faiss
 import numpy as np
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from pipeline import schema
@@ -18,8 +20,25 @@ from pipeline.evaluation import EvaluateConfig, evaluate_run
 from pipeline.io import read_json, read_metadata
 from pipeline.models.base import SequentialRecommender
 from pipeline.metrics import excluded_items
-from pipeline.scoring import IndexConfig, candidate_columns, ScoreConfig, build_index, left_pad, score_run, search_unseen, split_users, use_gpu
-from tests.toy import ragged, rows_of
+from pipeline.scoring import (
+    IndexConfig,
+    ScoreConfig,
+    TorchFlatIndex,
+    build_index,
+    candidate_columns,
+    left_pad,
+    rank_share,
+    score_run,
+    search_engine,
+    search_unseen,
+    split_users,
+)
+from pipeline.training.trainer import train
+from tests import project
+from tests.test_training import toy_config
+from tests.toy import make_toy_dataset, ragged, rows_of
+
+ROOT = project.ROOT
 
 MAX_LEN = 6
 
@@ -177,11 +196,11 @@ def test_config_loads_nested_index_settings_and_rejects_unknown_keys():
         from_dict(ScoreConfig, {"index": {"type": "pq"}}, "score")
 
 
-@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the no-GPU message")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_asking_for_a_gpu_without_one_says_what_to_do():
     with pytest.raises(RuntimeError, match="score.device"):
-        use_gpu("gpu")
-    assert use_gpu("auto") is False
+        search_engine("gpu")
+    assert search_engine("auto") == search_engine("cpu") == "faiss-cpu"
 
 
 @pytest.mark.gpu
@@ -191,7 +210,7 @@ def test_gpu_flat_index_ranks_like_the_cpu_one():
     vectors, queries = rng.standard_normal((500, 24), dtype=np.float32), rng.standard_normal((40, 24), dtype=np.float32)
     histories = ragged([rng.choice(np.arange(1, 501), size=10, replace=False) for _ in range(40)])
     cpu_items, cpu_scores = search_unseen(build_index(vectors, IndexConfig()), queries, histories, 20)
-    gpu_items, gpu_scores = search_unseen(build_index(vectors, IndexConfig(), gpu=True), queries, histories, 20)
+    gpu_items, gpu_scores = search_unseen(build_index(vectors, IndexConfig(), engine="faiss-gpu"), queries, histories, 20)
     np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-4, atol=1e-4)
     assert (gpu_items == cpu_items).mean() > 0.99  # equal up to near-ties
 
@@ -231,3 +250,68 @@ def test_split_users_equals_the_per_user_definition(exclude):
         padded = [[0] * (width - len(h[-width:])) + h[-width:].tolist() for h in histories]
         assert left_pad(users.histories, width).tolist() == padded
         assert left_pad(users.histories.rows(slice(10, 25)), width).tolist() == padded[10:25]
+
+
+def test_rank_shares_are_whole_blocks_covering_every_user_once():
+    for users, block, world_size in [(24, 5, 2), (10, 3, 4), (3, 8, 2), (0, 4, 3), (100, 1, 7)]:
+        shares = [rank_share(users, block, rank, world_size) for rank in range(world_size)]
+        assert [i for s in shares for i in range(users)[s]] == list(range(users))
+        assert all(s.start % block == 0 for s in shares)
+
+
+# --- the torch engine: exact search without FAISS's GPU build ---------------------------------
+
+
+def torch_and_faiss_results(device: str):
+    rng = np.random.default_rng(4)
+    vectors, queries = rng.standard_normal((500, 24), dtype=np.float32), rng.standard_normal((40, 24), dtype=np.float32)
+    # histories of 0..30 items, some pointing at the query's best items
+    excluded = ragged([rng.choice(np.arange(1, 501), size=n, replace=False) for n in rng.integers(0, 31, size=40)])
+    faiss_result = search_unseen(build_index(vectors, IndexConfig()), queries, excluded, 20)
+    torch_result = search_unseen(TorchFlatIndex(vectors, device, item_block_size=64), queries, excluded, 20)  # 8 blocks
+    return faiss_result, torch_result
+
+
+def test_torch_flat_search_finds_the_faiss_flat_items():
+    (faiss_items, faiss_scores), (torch_items, torch_scores) = torch_and_faiss_results("cpu")
+    assert np.array_equal(torch_items, faiss_items)  # Gaussian vectors: no tied scores
+    np.testing.assert_allclose(torch_scores, faiss_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_torch_flat_search_on_cuda_finds_the_faiss_flat_items(tmp_path):
+    (faiss_items, faiss_scores), (torch_items, torch_scores) = torch_and_faiss_results("cuda")
+    assert np.array_equal(torch_items, faiss_items)
+    np.testing.assert_allclose(torch_scores, faiss_scores, rtol=1e-4, atol=1e-4)
+    model, sequences = ToyRecommender(300, seed=5), toy_sequences(30, 300, seed=5)
+    summary = score_run(model, MAX_LEN, sequences, ScoreConfig(k=10, device="gpu"), tmp_path, {"run": "toy"})
+    assert summary["engine"] == ("faiss-gpu" if faiss.get_num_gpus() > 0 else "torch-cuda")
+    cpu = score_run(model, MAX_LEN, sequences, ScoreConfig(k=10, device="cpu"), tmp_path / "cpu", {"run": "toy"})
+    assert cpu["engine"] == "faiss-cpu"
+    for split in ("valid", "test"):
+        gpu_items, cpu_items = (pq.read_table(d / f"{split}.parquet").column("items").to_pylist() for d in (tmp_path, tmp_path / "cpu"))
+        assert np.mean(np.array(gpu_items) == np.array(cpu_items)) > 0.99  # equal up to near-ties
+
+
+# --- torchrun: users shared out among ranks -----------------------------------------------------
+
+
+def test_two_cpu_ranks_write_the_files_of_one_process(tmp_path):
+    run = "odmt-s1"
+    data = make_toy_dataset(tmp_path / "data", num_users=24, num_items=30, seq_len=8, repeated_targets=6)
+    torch.manual_seed(0)
+    train(toy_config(data, epochs=1), tmp_path / "models" / run, tmp_path / "logs" / run)
+    # 5 blocks of 5 users: ranks of 2 and 3 blocks; IVF with one list probed, so recall@K < 1 is merged too
+    score = {"k": 5, "user_block_size": 5, "device": "cpu", "index": {"type": "ivf", "nlist": 4, "nprobe": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"score": score, "evaluate": {"exclude_history": "all_but_target"}}))
+    stage = [str(ROOT / "stages/score.py"), "--run", run]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": None}
+    project.run([sys.executable, *stage], tmp_path, env)
+    single = tmp_path / "data/candidates" / run
+    single.rename(tmp_path / "single")
+    project.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--", *stage], tmp_path, env)
+    assert sorted(p.name for p in single.iterdir()) == ["scoring.json", "test.parquet", "valid.parquet"]  # no part left
+    for name in ("valid.parquet", "test.parquet", "scoring.json"):
+        assert (single / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+    assert pq.ParquetFile(single / "test.parquet").num_row_groups == 5
+    assert 0 < read_json(single / "scoring.json")["splits"]["test"]["recall@5"]["fused"] < 1
