@@ -208,9 +208,14 @@ def left_pad(rows: Ragged, width: int) -> torch.Tensor:
     from the flat values, not a Python step per user (1M users at scale)."""
     kept = np.minimum(rows.lengths(), width)
     out = np.zeros((len(rows), width), dtype=np.int64)
-    within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)  # 0.. in each kept tail
-    source = np.repeat(rows.offsets[1:] - kept, kept) + within
-    out[np.repeat(np.arange(len(rows)), kept), np.repeat(width - kept, kept) + within] = rows.values[source]
+    # Value j of the kept tails, concatenated, is item j - tails[r] of row r's tail, the row
+    # whose tail starts at tails[r]: from values[offsets[r + 1] - kept[r] + j - tails[r]] to
+    # column width - kept[r] + j - tails[r] of row r.
+    tails = np.cumsum(kept) - kept
+    j = np.arange(int(kept.sum()))
+    source = j + np.repeat(rows.offsets[1:] - kept - tails, kept)
+    target = j + np.repeat(np.arange(len(rows)) * width + width - kept - tails, kept)
+    out.reshape(-1)[target] = rows.values[source]
     return torch.from_numpy(out)
 
 
