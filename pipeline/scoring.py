@@ -470,8 +470,6 @@ def merge_parts(parts: list[Path], path: Path, schema: pa.Schema, metadata: dict
             for group in range(part_file.num_row_groups):
                 writer.write_table(part_file.read_row_group(group))
             part_file.close()
-    for part in parts:
-        part.unlink()
 
 
 def score_run(
@@ -524,6 +522,9 @@ def score_run(
             recall_hits = {name: [hits for part in gathered for hits in part[name]] for name in gathered[0]}
             if rank == 0:
                 merge_parts(parts, path, schema, metadata)
+        if rank == 0:  # the parts, and any left by a killed torchrun, would end up in DVC's output
+            for part in out_dir.glob(f".{split}.part*.parquet"):
+                part.unlink()
         measured = {"users": len(users), "longest_history": int(users.histories.lengths().max(initial=0))}
         if recall_hits:  # summed block by block in user order, as one process does
             measured[f"recall@{config.k}"] = {name: sum(hits) / max(len(users), 1) for name, hits in recall_hits.items()}

@@ -309,6 +309,8 @@ def test_two_cpu_ranks_write_the_files_of_one_process(tmp_path):
     project.run([sys.executable, *stage], tmp_path, env)
     single = tmp_path / "data/candidates" / run
     single.rename(tmp_path / "single")
+    single.mkdir()
+    (single / ".valid.part2.parquet").write_bytes(b"left by a killed 3-rank run")
     project.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--", *stage], tmp_path, env)
     assert sorted(p.name for p in single.iterdir()) == ["scoring.json", "test.parquet", "valid.parquet"]  # no part left
     for name in ("valid.parquet", "test.parquet", "scoring.json"):
