@@ -268,7 +268,8 @@ def torch_and_faiss_results(device: str):
     # histories of 0..30 items, some pointing at the query's best items
     excluded = ragged([rng.choice(np.arange(1, 501), size=n, replace=False) for n in rng.integers(0, 31, size=40)])
     faiss_result = search_unseen(build_index(vectors, IndexConfig()), queries, excluded, 20)
-    torch_result = search_unseen(TorchFlatIndex(vectors, device, item_block_size=64), queries, excluded, 20)  # 8 blocks
+    # blocks of 32 items, fewer than the 20 + up to 30 fetched, the last one partial
+    torch_result = search_unseen(TorchFlatIndex(vectors, device, item_block_size=32), queries, excluded, 20)
     return faiss_result, torch_result
 
 
