@@ -38,18 +38,19 @@ from pipeline.export import export_run, user_encoder  # noqa: E402
 from benchmarks.scoring import write_result  # noqa: E402
 from pipeline.progress import log, setup_logging  # noqa: E402
 from pipeline.recommend import RecommendConfig, recommend  # noqa: E402
-from pipeline.scoring import IndexConfig, available_cpus, build_index  # noqa: E402
+from pipeline.scoring import IndexConfig, Ragged, available_cpus, build_index  # noqa: E402
 from pipeline.training import TrainConfig, build_model  # noqa: E402
 from tests.toy import make_toy_dataset  # noqa: E402
 
 HISTORY = 15  # the embedded data's kept interactions per user (ingest.rules.max_user_interactions)
 
 
-def random_histories(rng: np.random.Generator, users: int, items: int) -> list[np.ndarray]:
-    return [rng.choice(items, size=HISTORY, replace=False).astype(np.int32) + 1 for _ in range(users)]
+def random_histories(rng: np.random.Generator, users: int, items: int) -> Ragged:
+    rows = [rng.choice(items, size=HISTORY, replace=False).astype(np.int32) + 1 for _ in range(users)]
+    return Ragged.from_lengths(np.concatenate(rows), np.full(users, HISTORY))
 
 
-def timed_recommend(encoder, index, histories: list[np.ndarray], num_items: int, config: RecommendConfig, out: Path) -> dict:
+def timed_recommend(encoder, index, histories: Ragged, num_items: int, config: RecommendConfig, out: Path) -> dict:
     """users/s (wall clock), and users per CPU second of this process (less sensitive to
     other jobs on a shared machine, but it counts threads that spin while they wait)."""
     keys = ["", *(f"item{i}" for i in range(1, num_items + 1))]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.io import write_json  # noqa: E402
 from pipeline.progress import log, setup_logging  # noqa: E402
-from pipeline.scoring import IndexConfig, available_cpus, build_index, recall_against, search_unseen  # noqa: E402
+from pipeline.scoring import IndexConfig, Ragged, available_cpus, build_index, recall_against, search_unseen  # noqa: E402
 
 DIM = 3 * 64
 K = 50
@@ -44,17 +44,18 @@ def clustered(rng: np.random.Generator, centres: np.ndarray, count: int, noise: 
     return out
 
 
-def histories(rng: np.random.Generator, users: int, items: int) -> list[np.ndarray]:
-    return [rng.choice(items, size=int(rng.integers(4, HISTORY + 1)), replace=False).astype(np.int32) + 1 for _ in range(users)]
+def histories(rng: np.random.Generator, users: int, items: int) -> Ragged:
+    rows = [rng.choice(items, size=int(rng.integers(4, HISTORY + 1)), replace=False).astype(np.int32) + 1 for _ in range(users)]
+    return Ragged.from_lengths(np.concatenate(rows), np.array([len(r) for r in rows]))
 
 
-def timed_search(index: faiss.Index, queries: np.ndarray, seen: list[np.ndarray], block: int, repeats: int) -> tuple[np.ndarray, float]:
+def timed_search(index: faiss.Index, queries: np.ndarray, seen: Ragged, block: int, repeats: int) -> tuple[np.ndarray, float]:
     """Top-K unseen items of every query, searched in blocks as the score stage does; best
     users/s over ``repeats`` runs (the first run also warms caches)."""
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
-        parts = [search_unseen(index, queries[s : s + block], seen[s : s + block], K)[0] for s in range(0, len(queries), block)]
+        parts = [search_unseen(index, queries[s : s + block], seen.rows(slice(s, s + block)), K)[0] for s in range(0, len(queries), block)]
         best = max(best, len(queries) / (time.perf_counter() - start))
     return np.concatenate(parts), best
 

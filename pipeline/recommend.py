@@ -36,7 +36,7 @@ from pipeline.ingest.core import natural_order
 from pipeline.io import parquet_writer
 from pipeline.models.odmt import UserEncoder
 from pipeline.progress import Progress, log, setup_logging
-from pipeline.scoring import IndexConfig, _ragged, available_cpus, left_pad, search_unseen
+from pipeline.scoring import IndexConfig, Ragged, _ragged, available_cpus, left_pad, search_unseen
 
 RECOMMENDATIONS = pa.schema(
     [
@@ -62,19 +62,17 @@ class RecommendConfig:
         self.index.validate()
 
 
-def whole_histories(sequences: pa.Table) -> list[np.ndarray]:
+def whole_histories(sequences: pa.Table) -> Ragged:
     """Each user's whole kept history, oldest first: train items, then valid and test item."""
-    train = sequences.column("train_items").to_pylist()
-    valid = sequences.column("valid_item").to_pylist()
-    test = sequences.column("test_item").to_pylist()
-    return [np.array([*t, v, s], dtype=np.int32) for t, v, s in zip(train, valid, test)]
+    train = Ragged.from_arrow(sequences.column("train_items"))
+    return train.append(sequences.column("valid_item").to_numpy()).append(sequences.column("test_item").to_numpy())
 
 
 def recommend(
     encoder: UserEncoder,
     index: faiss.Index,
     user_keys: list[str],
-    histories: list[np.ndarray],
+    histories: Ragged,
     item_keys: list[str],
     config: RecommendConfig,
     path: Path,
@@ -87,10 +85,10 @@ def recommend(
     key_of = pa.array(item_keys, pa.string())
     with parquet_writer(path, RECOMMENDATIONS, metadata) as writer:
         for start in range(0, len(user_keys), config.user_block_size):
-            block = histories[start : start + config.user_block_size]
+            block = histories.rows(slice(start, start + config.user_block_size))
             with torch.inference_mode():
                 queries = encoder(left_pad(block, encoder.max_len)).numpy()
-            excluded = block if config.exclude_history else [np.zeros(0, np.int32)] * len(block)
+            excluded = block if config.exclude_history else Ragged.empty(len(block))
             items, scores = _ragged(*search_unseen(index, queries, excluded, config.k))
             keys = pa.ListArray.from_arrays(items.offsets, key_of.take(items.values))
             users = pa.array(user_keys[start : start + len(block)], pa.string())
@@ -113,7 +111,7 @@ def recommend_metadata(provenance: dict, config: RecommendConfig, max_len: int, 
 # --- new histories, in the source's keys -----------------------------------------------------
 
 
-def read_histories(path: Path, item_index: dict[str, int]) -> tuple[list[str], list[np.ndarray], Counter]:
+def read_histories(path: Path, item_index: dict[str, int]) -> tuple[list[str], Ragged, Counter]:
     """Users and their histories (item indices, oldest first) from a CSV or Parquet file of
     user, item, timestamp. Ordered as ingest orders them: by (timestamp, item key in natural
     order). Rows with a missing value, exact repeats of a row and items outside the trained
@@ -137,8 +135,7 @@ def read_histories(path: Path, item_index: dict[str, int]) -> tuple[list[str], l
     grouped = grouped.sort(natural_order(grouped["user"]))
     counts["users_scored"] = grouped.height
     counts["skipped_users_without_known_item"] = counts["users"] - grouped.height
-    histories = [np.asarray(h, dtype=np.int32) for h in grouped["item_idx"].to_list()]
-    return grouped["user"].to_list(), histories, counts
+    return grouped["user"].to_list(), Ragged.from_arrow(grouped["item_idx"].to_arrow()), counts
 
 
 # --- one user --------------------------------------------------------------------------------
@@ -162,7 +159,7 @@ def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, 
     index_key = {i: key for key, i in index_of.items()}
     titles = dict(zip(items.column("item_idx").to_pylist(), items.column("title").to_pylist()))
     report = load_section(ReportConfig, "report", params)
-    history = whole_histories(sequences)[0][-report.history_shown :].tolist()
+    history = whole_histories(sequences).row(0)[-report.history_shown :].tolist()
     recommended = [index_of[key] for key in found.column("items")[0].as_py()[:top]]
     scores = found.column("scores")[0].as_py()[:top]
 

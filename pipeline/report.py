@@ -244,7 +244,7 @@ def recommendations_html(
         user = int(users.user_idx[row])
         top = candidates.column("items")[position[user]].as_py()[: config.top_n]
         key = sequences.column("user_key")[row].as_py()
-        shown.append((key, users.histories[row][-config.history_shown :].tolist(), top, int(users.targets[row])))
+        shown.append((key, users.histories.row(row)[-config.history_shown :].tolist(), top, int(users.targets[row])))
     title = f"Recommendations of {escape(config.showcase_run)}"
     intro = (
         f"Test split. Each user's recent history (the model's input; history items are never recommended), "

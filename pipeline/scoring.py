@@ -12,7 +12,13 @@ but a repeated target): FAISS cannot filter per query, so each query fetches K +
 excluded list in its block) results and drops its own excluded items; at least K unseen items survive whenever the
 catalogue has them. Padding (item 0) is never added to the index, so it is never returned.
 Users are scored in blocks of ``user_block_size``: memory grows with the block, not with
-users x items.
+users x items. Histories stay flat arrays with offsets (Ragged) from the Parquet list column to
+the model input: no Python object or loop step per user.
+
+Engines (``score.device``, recorded in scoring.json): FAISS on the CPU; FAISS's GPU index; or,
+on a GPU without FAISS's GPU build (its wheels need CUDA 12), an exact blocked torch matmul +
+top-k (TorchFlatIndex) behind the same search interface. Under torchrun the users of each split
+are shared out among the ranks in whole blocks and rank 0 merges the parts (score_run).
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,11 +33,13 @@ from typing import Literal
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 
 from pipeline.config import to_dict
 from pipeline.io import parquet_writer, write_json
-from pipeline.metrics import ExcludeHistory, excluded_items
+from pipeline.metrics import ExcludeHistory
 from pipeline.models.base import SequentialRecommender
 from pipeline.progress import Progress, log
 
@@ -80,7 +87,10 @@ class ScoreConfig:
     k: int = 50  # candidates kept per user and ranking (metrics are computed at cutoffs <= k)
     index: IndexConfig = field(default_factory=IndexConfig)
     user_block_size: int = 2048  # users encoded and searched together
-    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when FAISS has one
+    # auto: a GPU when there is one (FAISS's GPU index, else exact torch search), else the CPU;
+    # gpu: as auto, but fail without a GPU; cpu: FAISS on the CPU (see search_engine)
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 2
 
     def validate(self) -> None:
         if self.k < 1 or self.user_block_size < 1:
@@ -91,57 +101,129 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class Ragged:
+    """Rows of different lengths as one flat array: row i is ``values[offsets[i]:offsets[i + 1]]``.
+    Users' histories live in this form from the Parquet list column on, so that 1M users cost
+    a few array operations, not a Python object and a loop step each."""
+
+    values: np.ndarray  # (total,) int32
+    offsets: np.ndarray  # (rows + 1,) int64, starting at 0
+
+    @classmethod
+    def from_lengths(cls, values: np.ndarray, lengths: np.ndarray) -> Ragged:
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.asarray(values, dtype=np.int32), offsets)
+
+    @classmethod
+    def from_arrow(cls, lists: pa.Array | pa.ChunkedArray) -> Ragged:
+        """From a (large_)list<int> column without nulls, chunk by chunk (no combined copy)."""
+        chunks = lists.chunks if isinstance(lists, pa.ChunkedArray) else [lists]
+        values = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunks]  # flatten() honours slices
+        lengths = [np.diff(chunk.offsets.to_numpy()) for chunk in chunks]
+        return cls.from_lengths(np.concatenate([np.zeros(0, np.int32), *values]), np.concatenate([np.zeros(0, np.int64), *lengths]))
+
+    @classmethod
+    def empty(cls, rows: int) -> Ragged:
+        return cls.from_lengths(np.zeros(0, np.int32), np.zeros(rows, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def rows(self, block: slice) -> Ragged:
+        """The contiguous rows ``block`` (step 1), sharing this one's values."""
+        start, stop, step = block.indices(len(self))
+        if step != 1:
+            raise ValueError("Ragged.rows takes a contiguous slice")
+        offsets = self.offsets[start : max(start, stop) + 1]
+        return Ragged(self.values[offsets[0] : offsets[-1]], offsets - offsets[0])
+
+    def row_ids(self) -> np.ndarray:
+        """(total,) the row of each value."""
+        return np.repeat(np.arange(len(self)), self.lengths())
+
+    def append(self, column: np.ndarray) -> Ragged:
+        """Each row followed by ``column[row]``."""
+        lengths = self.lengths() + 1
+        out = Ragged.from_lengths(np.empty(len(self.values) + len(self), np.int32), lengths)
+        out.values[out.offsets[1:] - 1] = column
+        out.values[np.arange(len(self.values)) + self.row_ids()] = self.values  # row r shifts by the r items appended before it
+        return out
+
+    def where(self, keep: np.ndarray) -> Ragged:
+        """The values where ``keep`` (a mask over values), each row keeping its own."""
+        return Ragged.from_lengths(self.values[keep], np.bincount(self.row_ids()[keep], minlength=len(self)))
+
+
+@dataclass(frozen=True)
 class SplitUsers:
     """The evaluation protocol of one split: every user's history (the model input), the item to
     predict and the items left out of the user's ranking."""
 
     split: str
     user_idx: np.ndarray  # (U,) int32
-    histories: list[np.ndarray]  # per user, oldest first
+    histories: Ragged  # per user, oldest first
     targets: np.ndarray  # (U,) int32
-    excluded: list[np.ndarray]  # per user: never ranked (the history, under exclude_history)
+    excluded: Ragged  # per user: never ranked (the history, under exclude_history)
 
     def __len__(self) -> int:
         return len(self.user_idx)
 
     def targets_in_history(self) -> int:
         """Users whose target is also in their history (repeat consumption)."""
-        return int(sum(t in h for t, h in zip(self.targets, self.histories)))
+        owners = self.histories.row_ids()
+        repeated = owners[self.histories.values == self.targets[owners]]
+        return len(np.unique(repeated))
 
 
 def split_users(sequences: pa.Table, split: str, exclude_history: ExcludeHistory = "all") -> SplitUsers:
     """valid: history = train_items, target = valid_item; test: history = train_items +
     valid_item, target = test_item (leave-one-out, see pipeline/schema.py SEQUENCES); the
-    excluded items by pipeline.metrics.excluded_items."""
+    excluded items as pipeline.metrics.excluded_items defines them per user, for all users at once."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
-    train = [np.asarray(t, dtype=np.int32) for t in sequences.column("train_items").to_pylist()]
+    train = Ragged.from_arrow(sequences.column("train_items"))
     valid = sequences.column("valid_item").to_numpy().astype(np.int32)
     if split == "valid":
         histories, targets = train, valid
     else:
-        histories = [np.append(t, v).astype(np.int32) for t, v in zip(train, valid)]
-        targets = sequences.column("test_item").to_numpy().astype(np.int32)
-    excluded = [excluded_items(h, t, exclude_history) for h, t in zip(histories, targets)]
+        histories, targets = train.append(valid), sequences.column("test_item").to_numpy().astype(np.int32)
+    if exclude_history == "all":
+        excluded = histories
+    elif exclude_history == "all_but_target":
+        excluded = histories.where(histories.values != targets[histories.row_ids()])
+    else:
+        raise ValueError(f"unknown exclude_history {exclude_history!r} (expected all or all_but_target)")
     return SplitUsers(split, sequences.column("user_idx").to_numpy().astype(np.int32), histories, targets, excluded)
 
 
-def left_pad(histories: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """(U, width) int64: each history's last `width` items, right-aligned, 0 = padding. One
-    scatter from the concatenated histories, not a Python step per user (1M users at scale)."""
-    lengths = np.fromiter(map(len, histories), dtype=np.int64, count=len(histories))
-    kept = np.minimum(lengths, width)
-    out = np.zeros((len(histories), width), dtype=np.int64)
-    if kept.sum() == 0:
-        return torch.from_numpy(out)
-    flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
-    within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)  # 0.. in each kept tail
-    source = np.repeat(np.cumsum(lengths) - kept, kept) + within
-    out[np.repeat(np.arange(len(histories)), kept), np.repeat(width - kept, kept) + within] = flat[source]
+def left_pad(rows: Ragged, width: int) -> torch.Tensor:
+    """(U, width) int64: each row's last `width` items, right-aligned, 0 = padding. One scatter
+    from the flat values, not a Python step per user (1M users at scale)."""
+    kept = np.minimum(rows.lengths(), width)
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    # Value j of the kept tails, concatenated, is item j - tails[r] of row r's tail, the row
+    # whose tail starts at tails[r]: from values[offsets[r + 1] - kept[r] + j - tails[r]] to
+    # column width - kept[r] + j - tails[r] of row r.
+    tails = np.cumsum(kept) - kept
+    j = np.arange(int(kept.sum()))
+    source = j + np.repeat(rows.offsets[1:] - kept - tails, kept)
+    target = j + np.repeat(np.arange(len(rows)) * width + width - kept - tails, kept)
+    out.reshape(-1)[target] = rows.values[source]
     return torch.from_numpy(out)
 
 
-# --- FAISS -----------------------------------------------------------------------------------
+# --- search engines: FAISS, or torch on a GPU without FAISS's GPU build ----------------------
+
+# Where the exact search runs: FAISS on the CPU; FAISS's GPU index; or, on a GPU whose CUDA the
+# FAISS GPU wheels do not support, a blocked torch matmul + top-k (TorchFlatIndex).
+Engine = Literal["faiss-cpu", "faiss-gpu", "torch-cuda"]
 
 
 def available_cpus() -> int:
@@ -149,14 +231,18 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def use_gpu(device: str) -> bool:
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
-    if device == "gpu" and gpus == 0:
-        raise RuntimeError(
-            "score.device is 'gpu' but FAISS sees no GPU (faiss-cpu installed, or no CUDA device): "
-            "install requirements-gpu.txt or set score.device to auto or cpu"
-        )
-    return device != "cpu" and gpus > 0
+def search_engine(device: str) -> Engine:
+    """score.device -> engine: cpu: FAISS on the CPU; auto and gpu: FAISS's GPU index when the
+    FAISS GPU build sees a GPU, else torch on CUDA when there is one; auto falls back to the CPU."""
+    if device == "cpu":
+        return "faiss-cpu"
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return "faiss-gpu"
+    if torch.cuda.is_available():
+        return "torch-cuda"
+    if device == "gpu":
+        raise RuntimeError("score.device is 'gpu' but there is no CUDA device (for FAISS or torch): set score.device to auto or cpu")
+    return "faiss-cpu"
 
 
 @functools.cache
@@ -164,11 +250,43 @@ def _gpu_resources():
     return faiss.StandardGpuResources()  # one per process; must outlive every GPU index
 
 
-def build_index(vectors: np.ndarray, config: IndexConfig, gpu: bool = False) -> faiss.Index:
-    """Inner-product index over ``vectors`` (n, d): row r is item r + 1 (padding left out)."""
+class TorchFlatIndex:
+    """Exact inner-product search as a blocked torch matmul and a running top-k, on any torch
+    device; answers ``search`` as a FAISS flat index does (scores and rows, best first), so
+    search_unseen treats both alike. Memory: one (queries x item_block_size) score block."""
+
+    def __init__(self, vectors: np.ndarray, device: torch.device | str, item_block_size: int = 65536):
+        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
+        self.ntotal = len(self.vectors)
+        self.item_block_size = item_block_size
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (B, k), for k <= ntotal."""
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.vectors.device)
+        best_scores = q.new_empty((len(q), 0))
+        best_rows = torch.empty((len(q), 0), dtype=torch.int64, device=q.device)
+        for start in range(0, self.ntotal, self.item_block_size):
+            scores = q @ self.vectors[start : start + self.item_block_size].T
+            block = scores.topk(min(k, scores.shape[1]), dim=1)
+            scores = torch.cat([best_scores, block.values], dim=1)
+            rows = torch.cat([best_rows, block.indices + start], dim=1)
+            best = scores.topk(min(k, scores.shape[1]), dim=1)
+            best_scores, best_rows = best.values, rows.gather(1, best.indices)
+        return best_scores.cpu().numpy(), best_rows.cpu().numpy()
+
+
+SearchIndex = faiss.Index | TorchFlatIndex
+
+
+def build_index(vectors: np.ndarray, config: IndexConfig, engine: Engine = "faiss-cpu") -> SearchIndex:
+    """Inner-product index over ``vectors`` (n, d): row r is item r + 1 (padding left out).
+    Under torch-cuda only the exact (flat) index runs on the GPU; IVF and HNSW stay FAISS on the CPU."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     if config.type == "flat":
+        if engine == "torch-cuda":
+            return TorchFlatIndex(vectors, torch.device("cuda", torch.cuda.current_device()))
         index = faiss.IndexFlatIP(d)
     elif config.type == "ivf":
         nlist = min(config.nlist or round(4 * math.sqrt(n)), n)
@@ -182,24 +300,24 @@ def build_index(vectors: np.ndarray, config: IndexConfig, gpu: bool = False) -> 
         index.hnsw.efConstruction = config.ef_construction
         index.hnsw.efSearch = config.ef_search
     index.add(vectors)
-    if gpu and config.type != "hnsw":  # FAISS has no GPU HNSW; it stays on the CPU
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+    if engine == "faiss-gpu" and config.type != "hnsw":  # FAISS has no GPU HNSW; it stays on the CPU
+        gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0  # this rank's GPU under torchrun
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), gpu, index)
     return index
 
 
-def search_unseen(index: faiss.Index, queries: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k items per query, best first, skipping the query's history.
+def search_unseen(index: SearchIndex, queries: np.ndarray, excluded: Ragged, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k items per query, best first, skipping the query's row of ``excluded``.
 
     Returns items (B, k) int32 and scores (B, k) float32; a row has fewer than k real items
     only when the index returned fewer unseen ones, the rest is item 0 with score -inf.
     """
-    fetch = min(k + max((len(h) for h in histories), default=0), index.ntotal)
+    fetch = min(k + int(excluded.lengths().max(initial=0)), index.ntotal)
     scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
     items = (rows + 1).astype(np.int64)  # row -1 (nothing found) becomes item 0
-    # Membership of (query, item) in that query's history, vectorised as one sorted lookup.
+    # Membership of (query, item) in that query's excluded items, vectorised as one sorted lookup.
     width = index.ntotal + 1
-    owner = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
-    seen_keys = owner * width + np.concatenate([np.asarray(h, dtype=np.int64) for h in histories] or [np.zeros(0, np.int64)])
+    seen_keys = excluded.row_ids() * width + excluded.values
     found_keys = np.arange(len(items))[:, None] * width + items
     keep = (items > 0) & ~np.isin(found_keys, seen_keys)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept results first, order preserved
@@ -249,7 +367,7 @@ def catalogue_vectors(model: SequentialRecommender) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def user_matrix(model: SequentialRecommender, histories: list[np.ndarray], max_len: int, item_vectors: torch.Tensor) -> np.ndarray:
+def user_matrix(model: SequentialRecommender, histories: Ragged, max_len: int, item_vectors: torch.Tensor) -> np.ndarray:
     """(U, B*d) float32 user vectors, their items gathered from ``item_vectors`` (catalogue_vectors)."""
     inputs = left_pad(histories, max_len).to(item_vectors.device)
     return model.user_vectors(inputs, item_vectors).float().cpu().numpy()
@@ -259,23 +377,32 @@ def user_matrix(model: SequentialRecommender, histories: list[np.ndarray], max_l
 class Indexes:
     """One index per ranking, plus exact ones to measure an approximate index against."""
 
-    searched: dict[str, faiss.Index]
-    exact: dict[str, faiss.Index] | None  # None when `searched` is already exact
-    gpu: bool
+    searched: dict[str, SearchIndex]
+    exact: dict[str, SearchIndex] | None  # None when `searched` is already exact
+    engine: Engine  # where the exact search runs
 
 
 def build_indexes(model: SequentialRecommender, item_vectors: torch.Tensor, config: ScoreConfig) -> Indexes:
-    """The indexes over ``item_vectors`` (catalogue_vectors), padding row dropped: FAISS row r = item r + 1."""
-    gpu = use_gpu(config.device)
+    """The indexes over ``item_vectors`` (catalogue_vectors), padding row dropped: index row r = item r + 1."""
+    engine = search_engine(config.device)
     items = item_vectors[1:].float().cpu().numpy()
     columns = ranking_columns(model)
-    searched = {name: build_index(items[:, cols], config.index, gpu) for name, (cols, _) in columns.items()}
+    searched = {name: build_index(items[:, cols], config.index, engine) for name, (cols, _) in columns.items()}
     exact = None
     if config.index.type != "flat":
-        exact = {name: build_index(items[:, cols], IndexConfig(type="flat"), gpu) for name, (cols, _) in columns.items()}
-    where = "GPU" if gpu else f"CPU, {faiss.omp_get_max_threads()} threads"
+        exact = {name: build_index(items[:, cols], IndexConfig(type="flat"), engine) for name, (cols, _) in columns.items()}
+    where = f"{engine}, {faiss.omp_get_max_threads()} CPU threads" if engine == "faiss-cpu" else engine
     log.info("indexes: %s over %d items x %d dims (%s)", config.index.type, items.shape[0], items.shape[1], where)
-    return Indexes(searched, exact, gpu)
+    return Indexes(searched, exact, engine)
+
+
+def rank_share(users: int, block_size: int, rank: int, world_size: int) -> slice:
+    """The users that rank ``rank`` of ``world_size`` scores: a contiguous run of whole user
+    blocks, so that the ranks' parts, one after the other, hold the single-process file's row
+    groups."""
+    blocks = -(-users // block_size)
+    first, last = blocks * rank // world_size, blocks * (rank + 1) // world_size
+    return slice(first * block_size, min(last * block_size, users))
 
 
 def score_split(
@@ -287,40 +414,40 @@ def score_split(
     config: ScoreConfig,
     path: Path,
     metadata: dict,
-) -> dict:
-    """Write ``path`` (candidates_schema rows, block by block) and return what was measured:
-    users, longest history and, for an approximate index, recall@K per ranking.
+    share: slice = slice(None),
+) -> dict[str, list[float]]:
+    """Write ``path`` (candidates_schema rows, one row group per user block) for the users of
+    ``share`` (a rank's part under torchrun; it starts at a block boundary) and return, for an
+    approximate index, each block's recall@K times its users, per ranking (empty when exact).
     ``item_vectors``: the model's catalogue_vectors, which ``indexes`` hold."""
     columns = ranking_columns(model)
-    longest = max((len(h) for h in users.histories), default=0)
-    if indexes.gpu and config.k + max((len(e) for e in users.excluded), default=0) > GPU_MAX_K:
+    longest_excluded = int(users.excluded.lengths().max(initial=0))
+    if indexes.engine == "faiss-gpu" and config.k + longest_excluded > GPU_MAX_K:
         raise ValueError(
-            f"score.k ({config.k}) + longest history ({longest}) exceeds the FAISS GPU limit of {GPU_MAX_K} results "
+            f"score.k ({config.k}) + longest history ({longest_excluded}) exceeds the FAISS GPU limit of {GPU_MAX_K} results "
             "per query: lower score.k or set score.device: cpu"
         )
-    recall_hits = {name: 0.0 for name in columns}
-    progress = Progress(f"score {users.split}", total=len(users), unit="users")
+    recall_hits: dict[str, list[float]] = {name: [] for name in columns} if indexes.exact is not None else {}
+    first, last, _ = share.indices(len(users))
+    progress = Progress(f"score {users.split}", total=last - first, unit="users")
     with parquet_writer(path, candidates_schema(list(columns)), metadata) as writer:
-        for start in range(0, len(users), config.user_block_size):
-            block = slice(start, start + config.user_block_size)
-            histories, excluded = users.histories[block], users.excluded[block]
-            vectors = user_matrix(model, histories, max_len, item_vectors)
+        for start in range(first, last, config.user_block_size):
+            block = slice(start, min(start + config.user_block_size, last))
+            excluded = users.excluded.rows(block)
+            vectors = user_matrix(model, users.histories.rows(block), max_len, item_vectors)
             rows = {"user_idx": pa.array(users.user_idx[block], pa.int32())}
             for name, (cols, factor) in columns.items():
                 queries = vectors[:, cols] * np.float32(factor)
                 items, scores = search_unseen(indexes.searched[name], queries, excluded, config.k)
                 if indexes.exact is not None:
                     exact_items, _ = search_unseen(indexes.exact[name], queries, excluded, config.k)
-                    recall_hits[name] += recall_against(items, exact_items) * len(items)
+                    recall_hits[name].append(recall_against(items, exact_items) * len(items))
                 items_col, scores_col = candidate_columns(name)
                 rows[items_col], rows[scores_col] = _ragged(items, scores)
             writer.write_table(pa.table(rows, schema=writer.schema))
-            progress.update(len(histories))
+            progress.update(len(excluded))
     progress.close()
-    measured = {"users": len(users), "longest_history": longest}
-    if indexes.exact is not None:
-        measured[f"recall@{config.k}"] = {name: hits / max(len(users), 1) for name, hits in recall_hits.items()}
-    return measured
+    return recall_hits
 
 
 def _ragged(items: np.ndarray, scores: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
@@ -334,6 +461,17 @@ def _ragged(items: np.ndarray, scores: np.ndarray) -> tuple[pa.ListArray, pa.Lis
     )
 
 
+def merge_parts(parts: list[Path], path: Path, schema: pa.Schema, metadata: dict) -> None:
+    """The ranks' part files, in rank order, into ``path``: row group for row group, through
+    the same writer, so the file equals the one a single process writes."""
+    with parquet_writer(path, schema, metadata) as writer:
+        for part in parts:
+            part_file = pq.ParquetFile(part)
+            for group in range(part_file.num_row_groups):
+                writer.write_table(part_file.read_row_group(group))
+            part_file.close()
+
+
 def score_run(
     model: SequentialRecommender,
     max_len: int,
@@ -344,7 +482,15 @@ def score_run(
     exclude_history: ExcludeHistory = "all",
 ) -> dict:
     """Candidates of every split into ``out_dir``/{valid,test}.parquet, and
-    ``out_dir``/scoring.json: the settings and recall figures the evaluation records."""
+    ``out_dir``/scoring.json: the settings and recall figures the evaluation records.
+
+    Under torchrun (a torch.distributed process group is up), each rank encodes the catalogue,
+    builds its indexes and scores its rank_share of each split's users into a part file; rank 0
+    merges the parts into the one file and writes scoring.json, both equal to a single
+    process's."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    # Every rank takes the threads one process would, though ranks on one machine then share its
+    # CPUs: FAISS's scores change in the last bits with its thread count (the BLAS blocking).
     faiss.omp_set_num_threads(available_cpus())
     model.eval()
     item_vectors = catalogue_vectors(model)  # the catalogue's one pass through the item encoder
@@ -354,15 +500,35 @@ def score_run(
         "k": config.k,
         "items": indexes.searched["fused"].ntotal,
         "index": to_dict(config.index),
+        "engine": indexes.engine,
         "rankings": list(ranking_columns(model)),
         "exclude_history": exclude_history,
         "max_len": max_len,
         "splits": {},
     }
+    schema = candidates_schema(summary["rankings"])
     for split in SPLITS:
         users = split_users(sequences, split, exclude_history)
         metadata = {**provenance, "split": split, **{key: summary[key] for key in ("k", "index", "max_len", "exclude_history")}}
-        summary["splits"][split] = score_split(model, users, max_len, item_vectors, indexes, config, out_dir / f"{split}.parquet", metadata)
-    write_json(summary, out_dir / "scoring.json")
+        path = out_dir / f"{split}.parquet"
+        if world_size == 1:
+            recall_hits = score_split(model, users, max_len, item_vectors, indexes, config, path, metadata)
+        else:
+            parts = [out_dir / f".{split}.part{r}.parquet" for r in range(world_size)]
+            share = rank_share(len(users), config.user_block_size, rank, world_size)
+            gathered: list = [None] * world_size
+            # all_gather_object also waits for every rank: each part is complete after it.
+            dist.all_gather_object(gathered, score_split(model, users, max_len, item_vectors, indexes, config, parts[rank], metadata, share))
+            recall_hits = {name: [hits for part in gathered for hits in part[name]] for name in gathered[0]}
+            if rank == 0:
+                merge_parts(parts, path, schema, metadata)
+        if rank == 0:  # the parts, and any left by a killed torchrun, would end up in DVC's output
+            for part in out_dir.glob(f".{split}.part*.parquet"):
+                part.unlink()
+        measured = {"users": len(users), "longest_history": int(users.histories.lengths().max(initial=0))}
+        if recall_hits:  # summed block by block in user order, as one process does
+            measured[f"recall@{config.k}"] = {name: sum(hits) / max(len(users), 1) for name, hits in recall_hits.items()}
+        summary["splits"][split] = measured
+    if rank == 0:
+        write_json(summary, out_dir / "scoring.json")
     return summary
-

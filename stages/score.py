@@ -1,11 +1,14 @@
 """Stage `score`: a trained run's candidates over the whole catalogue.
 
     python stages/score.py --run odmt-s1 [--params params.yaml]
+    torchrun --nproc_per_node 2 -- stages/score.py --run odmt-s1   (score.launcher; `--`: --run is not torchrun's)
 
 Reads models/{run}/model.pt, data/ingest/sequences.parquet and `evaluate.exclude_history` (which
 history items are never ranked); writes
 data/candidates/{run}/{valid,test}.parquet (each user's top-K unseen items, fused and per
-branch) and data/candidates/{run}/scoring.json (settings, and recall@K for an approximate index).
+branch) and data/candidates/{run}/scoring.json (settings, the search engine, and recall@K for an
+approximate index). Under torchrun each rank scores a contiguous share of the users (one GPU per
+rank where there are GPUs) and rank 0 merges the shares into the same files one process writes.
 """
 
 from _common import stage_args
@@ -19,10 +22,12 @@ from pipeline.config import load_section
 from pipeline.evaluation import EvaluateConfig
 from pipeline.scoring import ScoreConfig, score_run
 from pipeline.training import load_trained
+from pipeline.training.ddp import cleanup, setup
 
 args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
 config = load_section(ScoreConfig, "score", args.params)
-device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
+env = setup()  # one process, or this rank of torchrun's (its GPU, a process group)
+device = torch.device("cpu") if config.device == "cpu" else env.device
 model, info = load_trained(Path("models") / args.run, device=device)
 exclude_history = load_section(EvaluateConfig, "evaluate", args.params).exclude_history
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
@@ -30,3 +35,4 @@ if "sources" in info:
     provenance["sources"] = {"used": info["sources"], "present": info["source_present"]}
 sequences = pq.read_table("data/ingest/sequences.parquet")
 score_run(model, info["max_len"], sequences, config, Path("data/candidates") / args.run, provenance, exclude_history)
+cleanup(env)

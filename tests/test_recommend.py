@@ -27,7 +27,7 @@ from pipeline.scoring import left_pad
 from pipeline.training import load_trained
 from pipeline.training.trainer import train
 from tests.test_training import toy_config
-from tests.toy import make_toy_dataset
+from tests.toy import make_toy_dataset, ragged, rows_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "odmt-s1"
@@ -64,7 +64,7 @@ def brute_force(project: Path, histories: list[np.ndarray], k: int) -> tuple[np.
     """The model's own fused scores over the catalogue, history and padding masked, top k."""
     model, info = load_trained(project / "models" / RUN)
     with torch.no_grad():
-        scores = model.user_vectors(left_pad(histories, info["max_len"])) @ model.item_vectors().T
+        scores = model.user_vectors(left_pad(ragged(histories), info["max_len"])) @ model.item_vectors().T
     scores[:, 0] = -torch.inf
     for row, history in enumerate(histories):
         scores[row, torch.as_tensor(history, dtype=torch.long)] = -torch.inf
@@ -76,7 +76,7 @@ def test_every_user_gets_the_models_top_k_unseen_items_from_the_whole_history(pr
     sequences = pq.read_table(project / "data/ingest/sequences.parquet")
     recs = pq.read_table(project / "data/recommendations" / f"{RUN}.parquet")
     assert recs.column("user_key").to_pylist() == sequences.column("user_key").to_pylist()
-    histories = whole_histories(sequences)
+    histories = rows_of(whole_histories(sequences))
     assert all(len(h) == 8 for h in histories)  # train + valid + test
     want_items, want_scores = brute_force(project, histories, K)
     got = np.array([[int(key[1:]) for key in row] for row in recs.column("items").to_pylist()])  # keys "i{idx}"
@@ -95,7 +95,7 @@ def test_the_export_alone_scores_exactly_like_the_stage_in_a_fresh_process(proje
     assert read_metadata(exports / "items.parquet")["variant"] == "odmt"
     sequences = pq.read_table(project / "data/ingest/sequences.parquet")
     keys = {i: f"i{i}" for i in range(1, 31)}
-    histories = {u: [keys[i] for i in h] + ["not-an-item"] for u, h in zip(sequences.column("user_key").to_pylist(), whole_histories(sequences))}
+    histories = {u: [keys[i] for i in h] + ["not-an-item"] for u, h in zip(sequences.column("user_key").to_pylist(), rows_of(whole_histories(sequences)))}
     (tmp_path / "histories.json").write_text(json.dumps(histories))
     # -I: no PYTHONPATH, no script or current folder on sys.path; the repository is unreachable.
     client = (
@@ -116,7 +116,7 @@ def test_the_export_alone_scores_exactly_like_the_stage_in_a_fresh_process(proje
 
 def test_new_histories_are_scored_without_retraining_and_unknown_items_are_skipped(project, tmp_path, monkeypatch):
     sequences = pq.read_table(project / "data/ingest/sequences.parquet")
-    first = whole_histories(sequences)[0]
+    first = whole_histories(sequences).row(0)
     rows = [("new-a", f"i{item}", 1000 + t) for t, item in enumerate(first)]  # a copy of user u0
     rows += [("new-a", "unknown-1", 5000), ("new-b", "unknown-2", 7), ("new-b", "unknown-3", 8), ("new-c", "i3", None), ("new-d", "i3", "not-a-time"), rows[0]]
     path = tmp_path / "new.csv"
@@ -142,7 +142,7 @@ def test_new_histories_are_scored_without_retraining_and_unknown_items_are_skipp
 
 def test_history_order_follows_timestamps_not_file_order(project, tmp_path, monkeypatch):
     sequences = pq.read_table(project / "data/ingest/sequences.parquet")
-    first = whole_histories(sequences)[0]
+    first = whole_histories(sequences).row(0)
     rows = [(f"i{item}", f"2024-01-{t + 1:02d}") for t, item in enumerate(first)][::-1]  # file order reversed
     path = tmp_path / "dated.csv"
     path.write_text("user,item,timestamp\n" + "".join(f"u,{i},{t}\n" for i, t in rows))

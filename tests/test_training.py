@@ -32,7 +32,7 @@ from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
 from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity
 from pipeline.training.trainer import evaluate, train
-from tests.toy import make_toy_dataset
+from tests.toy import make_toy_dataset, ragged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def test_full_ranks_exclude_history_and_padding():
 
 
 def test_left_pad_and_splits(tmp_path):
-    assert left_pad([[1, 2, 3], [4]], 2).tolist() == [[2, 3], [0, 4]]
+    assert left_pad(ragged([[1, 2, 3], [4]]), 2).tolist() == [[2, 3], [0, 4]]
     make_toy_dataset(tmp_path, num_users=4, num_items=10, seq_len=6)
     data = load_sequences(tmp_path / "ingest/sequences.parquet", tmp_path / "ingest/popularity.parquet", max_len=3)
     assert data.train.shape == (4, 4) and data.valid.inputs.shape == (4, 3)

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipeline import schema
 from pipeline.io import write_table
+from pipeline.scoring import Ragged
 
 
 def make_toy_dataset(
@@ -73,3 +74,14 @@ def make_toy_dataset(
         meta = {"modality": name, "encoder": "toy-random", "weights": "none", "num_tokens": num_tokens, "dim": dim, "pooled_only": False, "preprocessing": {}}
         write_table(table, features / f"{name}.parquet", schema.token_features(num_tokens, dim), meta)
     return root
+
+
+def ragged(rows) -> Ragged:
+    """Ragged from a list of per-row sequences (the tests' plain form)."""
+    rows = [np.asarray(r, dtype=np.int32) for r in rows]
+    return Ragged.from_lengths(np.concatenate([np.zeros(0, np.int32), *rows]), np.array([len(r) for r in rows], dtype=np.int64))
+
+
+def rows_of(values: Ragged) -> list[np.ndarray]:
+    """The rows of a Ragged as a list of arrays."""
+    return [values.row(i) for i in range(len(values))]

@@ -18,7 +18,7 @@ import torch
 
 from ..features.store import TokenFeatures, load_token_features
 from ..metrics import ExcludeHistory
-from ..scoring import SplitUsers, left_pad, split_users
+from ..scoring import Ragged, SplitUsers, left_pad, split_users
 
 
 @dataclass
@@ -39,15 +39,13 @@ class SequenceData:
 
 def load_sequences(sequences_path: str | Path, popularity_path: str | Path, max_len: int, exclude_history: ExcludeHistory = "all") -> SequenceData:
     table = pq.read_table(sequences_path).sort_by("user_idx")
-    train = table["train_items"].to_pylist()
-    valid = table["valid_item"].to_pylist()
-    test = table["test_item"].to_pylist()
+    train = Ragged.from_arrow(table["train_items"])
     popularity = pq.read_table(popularity_path)
     item_idx = popularity["item_idx"].to_numpy()
     num_items = int(item_idx.max(initial=0))
     counts = torch.zeros(num_items + 1, dtype=torch.int64)
     counts[torch.from_numpy(item_idx.astype(np.int64))] = torch.from_numpy(popularity["train_count"].to_numpy().astype(np.int64))
-    largest = max(max((max(s, default=0) for s in train), default=0), max(valid, default=0), max(test, default=0))
+    largest = int(max(train.values.max(initial=0), table["valid_item"].to_numpy().max(initial=0), table["test_item"].to_numpy().max(initial=0)))
     if largest > num_items:
         raise ValueError(f"{sequences_path}: item {largest} is beyond the {num_items} items of {popularity_path}; rerun ingest")
     return SequenceData(
@@ -63,7 +61,7 @@ def _ranking_split(users: SplitUsers, max_len: int) -> Split:
     return Split(
         left_pad(users.histories, max_len),
         torch.from_numpy(users.targets.astype(np.int64)),
-        left_pad(users.excluded, max(map(len, users.excluded), default=0)),
+        left_pad(users.excluded, int(users.excluded.lengths().max(initial=0))),
     )
 
 
