@@ -22,7 +22,30 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 # Fixed writer settings so that equal tables give byte-equal files (DVC hashes, run-cache).
-PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True, use_dictionary=True)
+PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True)
+
+
+def parquet_options(schema: pa.Schema) -> dict:
+    """PARQUET_OPTIONS with dictionary encoding only for the columns whose values repeat (ids,
+    keys, text): float tokens and scores and image bytes hardly repeat, and a dictionary made
+    reading a 50 x 1280 float16 feature file 2.8x slower and writing it 2x slower (and larger)."""
+    return {**PARQUET_OPTIONS, "use_dictionary": [path for path, kind in _leaves(schema) if _repeats(kind)]}
+
+
+def _leaves(fields) -> Iterator[tuple[str, pa.DataType]]:
+    """(Parquet column path, Arrow type) of every leaf column, e.g. ("tokens.list.element", float16)."""
+    for f in fields:
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type):
+            values = f.type.value_field.with_name("element")  # Parquet's name for list values
+            yield from ((f"{f.name}.list.{path}", kind) for path, kind in _leaves([values]))
+        elif pa.types.is_struct(f.type):
+            yield from ((f"{f.name}.{path}", kind) for path, kind in _leaves(list(f.type)))
+        else:
+            yield f.name, f.type
+
+
+def _repeats(kind: pa.DataType) -> bool:
+    return not (pa.types.is_floating(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
 
 
 @contextlib.contextmanager
@@ -74,7 +97,7 @@ def write_table(table: pa.Table, path: str | Path, schema: pa.Schema, metadata: 
     schema = with_metadata(schema, metadata)
     table = table.select(schema.names).cast(schema)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+        pq.write_table(table, tmp, **parquet_options(schema))
 
 
 @contextlib.contextmanager
@@ -82,7 +105,7 @@ def parquet_writer(path: str | Path, schema: pa.Schema, metadata: dict | None = 
     """A streaming writer (one row group per ``write_table``) that lands atomically."""
     schema = with_metadata(schema, metadata)
     with atomic_path(path) as tmp:
-        writer = pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS)
+        writer = pq.ParquetWriter(tmp, schema, **parquet_options(schema))
         try:
             yield writer
         finally:
