@@ -44,6 +44,56 @@ def full_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tens
     return torch.where(torch.isneginf(target_scores[:, 0]), float("inf"), ranks)
 
 
+# Items scored at once by blocked_ranks: its memory is (users of a block) x this many float32
+# scores, whatever the catalogue size (1024 x 65,536 = 256 MB), and a catalogue up to this size
+# is scored in one product, exactly as full_ranks(users @ items.T, ...) does.
+ITEM_BLOCK_SIZE = 65_536
+
+
+def blocked_ranks(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor, item_block_size: int = ITEM_BLOCK_SIZE) -> torch.Tensor:
+    """full_ranks(users @ items.T, targets, excluded) without the (U, N+1) score matrix.
+
+    users: (U, d); items: (N+1, d), row 0 = padding. The items are scored in blocks of
+    item_block_size rows: a first pass takes each target's score from its block, a second counts
+    the ranked items of every block scoring at least as high. Both passes compute the same block
+    products, so a target is compared with exactly the scores it is counted against; with more
+    than one block, these are the full product's scores up to the last bit of the matrix kernel
+    (the same numbers, not always the same bits). One block (N+1 <= item_block_size) is computed
+    once and gives full_ranks' ranks bit for bit.
+    """
+    if item_block_size < 1:
+        raise ValueError(f"item_block_size must be >= 1, got {item_block_size}")
+    starts = range(0, len(items), item_block_size)
+    targets = targets.long()
+    target_scores = torch.full((len(users),), float("-inf"), device=users.device)
+    block = None
+    for start in starts:
+        block = _ranked_block(users @ items[start : start + item_block_size].T, start, excluded)
+        local = targets - start
+        inside = (local >= 0) & (local < block.shape[1])
+        found = block.gather(1, local.clamp(0, block.shape[1] - 1)[:, None])[:, 0]
+        target_scores = torch.where(inside, found, target_scores)
+    counts = torch.zeros(len(users), dtype=torch.int64, device=users.device)
+    for start in starts:
+        if len(starts) > 1:  # one block: still the one just computed
+            block = _ranked_block(users @ items[start : start + item_block_size].T, start, excluded)
+        counts += (block >= target_scores[:, None]).sum(1)
+    return torch.where(torch.isneginf(target_scores), float("inf"), counts.float())
+
+
+def _ranked_block(scores: torch.Tensor, start: int, excluded: torch.Tensor) -> torch.Tensor:
+    """The scores of items start.. (one block of columns) with each user's excluded items and the
+    padding item at -inf, never ranked (as full_ranks)."""
+    users, width = scores.shape
+    local = excluded.long() - start
+    # excluded items of other blocks go to a spare column, cut off below
+    local = local.masked_fill((local < 0) | (local >= width), width)
+    hidden = torch.zeros(users, width + 1, dtype=torch.bool, device=scores.device).scatter_(1, local, True)
+    if start == 0:
+        hidden[:, 0] = True
+    return scores.float().masked_fill(hidden[:, :width], float("-inf"))
+
+
 def hit_rate(ranks, k: int) -> float:
     """HR@k: share of users whose target is in the top k (= Recall@k with one target)."""
     ranks = _as_array(ranks)

@@ -22,7 +22,7 @@ import yaml
 
 from pipeline.config import from_dict, load_section
 from pipeline.evaluation import EvaluateConfig, evaluate_run
-from pipeline.metrics import excluded_items, full_ranks, hit_rate, mrr, ndcg, summarize
+from pipeline.metrics import blocked_ranks, excluded_items, full_ranks, hit_rate, mrr, ndcg, summarize
 from pipeline.models import odmt
 from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
@@ -31,7 +31,7 @@ from pipeline.scoring import left_pad
 from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
 from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity
-from pipeline.training.trainer import evaluate, train
+from pipeline.training.trainer import evaluate, ranked_users, sample_split, train
 from tests.toy import make_toy_dataset, ragged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +182,63 @@ def test_full_ranks_exclude_history_and_padding():
     assert math.isclose(ndcg(ranks, 10), (1 + 1 / math.log2(11)) / 3)
     assert math.isclose(mrr(ranks, 10), (1 + 0.1) / 3)
     assert summarize([float("inf")], (5,)) == {"hr@5": 0.0, "ndcg@5": 0.0, "mrr@5": 0.0}
+
+
+def test_blocked_ranks_equal_full_ranks_with_ties_excluded_targets_and_padding():
+    generator = torch.Generator().manual_seed(0)
+    # small integers: every product and sum is exact in float32, so any block split scores
+    # bit for bit as the full product, and ties are frequent
+    users = torch.randint(-2, 3, (9, 4), generator=generator).float()
+    items = torch.randint(-2, 3, (12, 4), generator=generator).float()  # padding + 11 items
+    items[0] = 50.0  # the padding item would beat everything if it were ranked
+    targets = torch.tensor([1, 2, 3, 4, 5, 6, 7, 11, 11])
+    excluded = torch.tensor([
+        [0, 0, 0], [5, 5, 0], [3, 0, 0],  # a repeated item; user 2's target is excluded -> inf
+        [1, 9, 10], [0, 0, 0], [6, 6, 2],  # user 5: excluded target, repeated
+        [11, 1, 0], [4, 0, 0], [10, 9, 8],
+    ])
+    expected = full_ranks(users @ items.T, targets, excluded)
+    assert math.isinf(expected[2]) and math.isinf(expected[5]) and expected[0] >= 1
+    for block in (1, 2, 3, 5, 11, 12, 100):
+        assert torch.equal(blocked_ranks(users, items, targets, excluded, block), expected), block
+    everything_tied = blocked_ranks(torch.zeros(2, 4), torch.ones(12, 4), torch.tensor([1, 2]), torch.tensor([[0], [5]]), 5)
+    assert everything_tied.tolist() == [11, 10]  # ties count against the target: the worst rank
+
+
+def test_blocked_ranks_never_score_more_than_a_block(monkeypatch):
+    import pipeline.metrics as metrics
+
+    widths = []
+    ranked_block = metrics._ranked_block
+    monkeypatch.setattr(metrics, "_ranked_block", lambda scores, *a: widths.append(scores.shape[1]) or ranked_block(scores, *a))
+    users, items = torch.randn(4, 3), torch.randn(101, 3)
+    ranks = blocked_ranks(users, items, torch.tensor([1, 50, 99, 100]), torch.zeros(4, 1, dtype=torch.long), 16)
+    assert max(widths) == 16 and len(widths) == 2 * 7  # two passes over 7 blocks of 101 rows
+    assert ranks.shape == (4,) and (ranks >= 1).all()
+
+
+def test_validation_users_all_up_to_the_limit_else_the_same_seeded_sample():
+    assert ranked_users(943, None, seed=1) is None  # the embedded data: every user
+    assert ranked_users(10_000, None, seed=1) is None
+    sample = ranked_users(200_000, None, seed=1)
+    assert len(sample) == 10_000 and len(set(sample.tolist())) == 10_000 and torch.equal(sample, sample.sort().values)
+    assert torch.equal(sample, ranked_users(200_000, None, seed=1))  # every epoch, every resume
+    assert not torch.equal(sample, ranked_users(200_000, None, seed=2))
+    assert len(ranked_users(50, 7, seed=1)) == 7 and ranked_users(5, 7, seed=1) is None
+
+
+def test_a_validation_sample_is_what_selection_and_model_pt_report(toy, tmp_path, caplog):
+    cfg = toy_config(toy, epochs=2, valid_users=6)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        model, info = train(cfg, tmp_path / "run", tmp_path / "logs")
+    assert "validation ranks a seeded sample of 6 of the 16 users every epoch" in caplog.text
+    assert (info["ranked_users"], info["num_users"]) == (6, 16)
+    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
+    rows = ranked_users(16, 6, cfg.seed)
+    for split in ("valid", "test"):
+        sampled = evaluate(model, sample_split(getattr(data, split), rows), cfg.eval_batch_size)
+        assert info[split] == sampled != evaluate(model, getattr(data, split), cfg.eval_batch_size)
+    assert json.loads((tmp_path / "logs/metrics.json").read_text())["best"]["ranked_users"] == 6
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ class TrainConfig:
     select_metric: Literal["hr@10", "ndcg@10"] = "hr@10"  # fused validation score picking the best epoch
     patience: int = 0  # stop after this many epochs without improvement; 0 = never
     eval_batch_size: int = 1024  # users per block in validation ranking
+    # Users ranked by validation every epoch, and behind model.pt's valid/test metrics: None = all
+    # up to 10,000, else a sample of 10,000 seeded from `seed`; an integer = that many (all if
+    # fewer). The same users every epoch. The evaluate stage always reports all users.
+    valid_users: int | None = None
     sequences: str = "data/ingest/sequences.parquet"
     popularity: str = "data/ingest/popularity.parquet"
     text_features: str = "data/features/text.parquet"
@@ -51,6 +55,8 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "clip_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.valid_users is not None and self.valid_users < 1:
+            raise ValueError(f"valid_users must be null or >= 1, got {self.valid_users}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.modalities != "auto" and not self.modalities:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import to_dict
 from ..io import atomic_path
-from ..metrics import ExcludeHistory, full_ranks, summarize
+from ..metrics import ITEM_BLOCK_SIZE, ExcludeHistory, blocked_ranks, summarize
 from ..models.odmt import ODMT, VARIANTS
 from ..progress import Progress, log
 from . import Sources, TrainConfig, build_model, checkpoint, ddp, find_sources
@@ -40,6 +40,10 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
     run_dir, log_dir = Path(run_dir), Path(log_dir)
     distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0 and bool(distillation_pairs(model.branches, cfg.distill))
     _log_plan(cfg, model, sources, distill)
+    # valid and test hold the same users in the same order (scoring.split_users), so one sample
+    ranked = ranked_users(len(data.valid.targets), cfg.valid_users, cfg.seed)
+    valid_split, test_split = sample_split(data.valid, ranked), sample_split(data.test, ranked)
+    _log_ranked_users(len(valid_split.targets), len(data.valid.targets))
 
     state = {"epoch": 0, "best_score": float("-inf"), "best_epoch": 0, "best_state": None, "bad_epochs": 0}
     inputs = checkpoint.input_digests([cfg.sequences, cfg.popularity, cfg.text_features, cfg.image_features])
@@ -69,7 +73,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         started = time.perf_counter()
         losses = _train_epoch(net, model, optimizer, scaler, data.train, cfg, env, epoch, weight, log_p, use_amp, progress)
         seconds = time.perf_counter() - started
-        valid = evaluate(model, data.valid, cfg.eval_batch_size)
+        valid = evaluate(model, valid_split, cfg.eval_batch_size)
         score = valid["fused"][cfg.select_metric]
         if score > state["best_score"]:
             best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -95,7 +99,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
 
     progress.close()
     model.load_state_dict(state["best_state"])
-    results = {"valid": evaluate(model, data.valid, cfg.eval_batch_size), "test": evaluate(model, data.test, cfg.eval_batch_size)}
+    results = {"valid": evaluate(model, valid_split, cfg.eval_batch_size), "test": evaluate(model, test_split, cfg.eval_batch_size)}
     info = {
         "variant": cfg.model.variant,
         "backbone": cfg.model.backbone,
@@ -109,12 +113,15 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         "num_items": data.num_items,
         "best_epoch": state["best_epoch"],
         "epochs_trained": state["epoch"],
+        "ranked_users": len(valid_split.targets),  # of num_users: the users behind valid and test below
+        "num_users": len(data.valid.targets),
         **results,
     }
     if env.is_main:
         checkpoint.save({"state_dict": state["best_state"], "params": params, "info": info}, run_dir / "model.pt")
         live.step = state["epoch"]
-        live.summary["best"] = {"epoch": state["best_epoch"], **results}  # valid/test metrics of the kept weights
+        # valid/test metrics of the kept weights, on the ranked users (the evaluate stage: all users)
+        live.summary["best"] = {"epoch": state["best_epoch"], "ranked_users": len(valid_split.targets), **results}
         live.make_summary()
         live.end()
     if distill:
@@ -146,6 +153,16 @@ def set_up(cfg: TrainConfig, exclude_history: ExcludeHistory = "all") -> RunSetu
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and env.device.type == "cuda"
     return RunSetup(env, data, model, optimizer, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, sources)
+
+
+def _log_ranked_users(ranked: int, total: int) -> None:
+    if ranked == total:
+        log.info("validation ranks all %d users every epoch", total)
+    else:
+        log.info(
+            "validation ranks a seeded sample of %d of the %d users every epoch (train.valid_users), and the valid/test "
+            "metrics of model.pt come from the same sample; the evaluate stage reports all users", ranked, total,
+        )
 
 
 def _log_plan(cfg: TrainConfig, model: ODMT, sources: Sources, distill: bool) -> None:
@@ -207,11 +224,36 @@ def batch_losses(states, vectors, slots, branches, cfg: TrainConfig, env, log_p,
     return terms
 
 
+# train.valid_users null: every user up to this many, else a seeded sample of this many
+DEFAULT_VALID_USERS = 10_000
+
+
+def ranked_users(num_users: int, valid_users: int | None, seed: int) -> torch.Tensor | None:
+    """The users (row indices, ascending) that validation during training ranks: None = all.
+    train.valid_users null: all up to DEFAULT_VALID_USERS, else that many; an integer: that many
+    (all if fewer). A sample is drawn from the seed alone, so every epoch (and a resumed run)
+    ranks the same users."""
+    wanted = DEFAULT_VALID_USERS if valid_users is None else valid_users
+    if num_users <= wanted:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_users, generator=generator)[:wanted].sort().values
+
+
+def sample_split(split: Split, rows: torch.Tensor | None) -> Split:
+    """The users `rows` of a split (None: the split itself)."""
+    if rows is None:
+        return split
+    return Split(split.inputs[rows], split.targets[rows], split.excluded[rows])
+
+
 @torch.no_grad()
-def evaluate(model: ODMT, split: Split, batch_size: int) -> dict[str, dict[str, float]]:
+def evaluate(model: ODMT, split: Split, batch_size: int, item_block_size: int = ITEM_BLOCK_SIZE) -> dict[str, dict[str, float]]:
     """HR/NDCG/MRR@10 of the fused score and of each branch, full ranking, the split's excluded
     items left out (the protocol of the evaluate stage). The catalogue goes through the item
-    encoder once; user vectors gather their items from that table."""
+    encoder once; user vectors gather their items from that table. Users are ranked batch_size
+    at a time against item_block_size items at a time (blocked_ranks), so memory is bounded by
+    their product, never users x items."""
     model.eval()
     device = next(model.parameters()).device
     table = model.item_vectors()
@@ -222,10 +264,10 @@ def evaluate(model: ODMT, split: Split, batch_size: int) -> dict[str, dict[str, 
         block = slice(start, start + batch_size)
         users = model.user_vectors(split.inputs[block].to(device), table).float()
         targets, excluded = split.targets[block].to(device), split.excluded[block].to(device)
-        ranks["fused"].append(full_ranks(users @ items.T, targets, excluded).cpu())
+        ranks["fused"].append(blocked_ranks(users, items, targets, excluded, item_block_size).cpu())
         for i, branch in enumerate(model.branches):
             part = slice(i * d, (i + 1) * d)
-            ranks[branch].append(full_ranks(users[:, part] @ items[:, part].T, targets, excluded).cpu())
+            ranks[branch].append(blocked_ranks(users[:, part], items[:, part], targets, excluded, item_block_size).cpu())
     return {name: summarize(torch.cat(r)) for name, r in ranks.items()}
 
 
