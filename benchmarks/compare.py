@@ -8,6 +8,7 @@ the machine's load falls on both; the load average is recorded around the whole 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -39,6 +40,13 @@ def taking_turns(script: str, checkouts: dict[str, Path], rounds: int, arguments
         for name, code in checkouts.items():
             results[name].append(in_fresh_process(script, code, arguments))
     return results
+
+
+def with_settings(config, settings: dict) -> tuple[object, list[str]]:
+    """``config`` (a dataclass) with those of ``settings`` its class knows, and the names of the
+    others: a switch that only the newer tree has is left out of the baseline's run."""
+    known = {field.name for field in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: v for k, v in settings.items() if k in known}), sorted(set(settings) - known)
 
 
 def commit(code: Path) -> str:

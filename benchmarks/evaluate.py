@@ -60,7 +60,8 @@ def measure(code: Path, paths: dict[str, str], model_settings: dict, repeats: in
         torch.set_num_threads(threads)
     params = code / "params.yaml"  # the tree's own: its TrainConfig may know other fields
     cfg = load_section(TrainConfig, "train", params) if "train" in load_params(params) else TrainConfig()
-    cfg = dataclasses.replace(cfg, **paths, model=dataclasses.replace(cfg.model, **model_settings))
+    model_config, ignored = compare.with_settings(cfg.model, model_settings)
+    cfg = dataclasses.replace(cfg, **paths, model=model_config)
     _, data, model, *_ = set_up(cfg)
     model.eval()
 
@@ -81,6 +82,7 @@ def measure(code: Path, paths: dict[str, str], model_settings: dict, repeats: in
         "items": data.num_items,
         "variant": cfg.model.variant,
         "model": dataclasses.asdict(cfg.model),
+        "model_settings_unknown_here": ignored,
         "threads": torch.get_num_threads(),
         "item_pass_runs_s": [wall for wall, _ in item_pass],
         "item_pass_cpu_runs_s": [cpu for _, cpu in item_pass],

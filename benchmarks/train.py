@@ -69,7 +69,8 @@ def measure(code: Path, config: str, paths: dict[str, str], model_settings: dict
         torch.set_num_threads(threads)
     params = code / PARAMS_FILES[config]  # the tree's own: its TrainConfig may know other fields
     cfg = load_section(TrainConfig, "train", params) if "train" in load_params(params) else TrainConfig()
-    cfg = dataclasses.replace(cfg, **paths, model=dataclasses.replace(cfg.model, **model_settings))
+    model_config, ignored = compare.with_settings(cfg.model, model_settings)
+    cfg = dataclasses.replace(cfg, **paths, model=model_config)
     env, data, model, optimizer, scaler, use_amp, _ = set_up(cfg)
     log_p = log_popularity(data.train_counts).to(env.device)
     epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1)
@@ -99,6 +100,7 @@ def measure(code: Path, config: str, paths: dict[str, str], model_settings: dict
         "commit": compare.commit(code),
         "variant": cfg.model.variant,
         "model": dataclasses.asdict(cfg.model),
+        "model_settings_unknown_here": ignored,
         "batch_size": cfg.batch_size,
         "steps_per_epoch": len(epoch),
         "device": str(env.device),

@@ -32,12 +32,22 @@ def imt_attention_mask(text_mask: torch.Tensor, num_image_tokens: int, id_aware:
 
 class IDAwareMultimodalTransformer(nn.Module):
     def __init__(
-        self, width: int, layers: int, heads: int, dropout: float, id_aware: bool = True, ffn_dropout: bool = False, recompute: bool = False
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        dropout: float,
+        id_aware: bool = True,
+        ffn_dropout: bool = False,
+        outputs_only: bool = False,
+        recompute: bool = False,
     ):
-        """recompute: in training, keep only each block's input and recompute its activations in
-        the backward pass (activation checkpointing; the same dropout masks are redrawn)."""
+        """outputs_only: the last block computes only the rows of the output tokens (the same
+        math and random stream, other float rounding). recompute: in training, keep only each
+        block's input and recompute its activations in the backward pass (activation
+        checkpointing; the same dropout masks are redrawn, the same numbers)."""
         super().__init__()
-        self.id_aware, self.recompute = id_aware, recompute
+        self.id_aware, self.outputs_only, self.recompute = id_aware, outputs_only, recompute
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, eps=1e-6, ffn_dropout=ffn_dropout) for _ in range(layers))
 
@@ -62,10 +72,12 @@ class IDAwareMultimodalTransformer(nn.Module):
         x = self.drop(x)
         positions = torch.tensor(list(outputs.values()), device=x.device)
         for i, block in enumerate(self.blocks):
-            # The last block is read at the output tokens only: their rows are all it computes.
-            queries = positions if i == len(self.blocks) - 1 else None
+            # The last block is read at the output tokens only: their rows can be all it computes.
+            queries = positions if self.outputs_only and i == len(self.blocks) - 1 else None
             if self.recompute and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, allowed, queries, use_reentrant=False)
             else:
                 x = block(x, allowed, queries)
+        if not self.outputs_only:
+            x = x[:, positions]
         return {name: x[:, i] for i, name in enumerate(outputs)}
