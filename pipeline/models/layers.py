@@ -31,14 +31,14 @@ class TransformerBlock(nn.Module):
         queries: positions (Q,) whose outputs alone are wanted -> (n, Q, d): their rows are all
         that the attention, the output projection and the FFN compute (keys and values still
         cover every position). Dropout then draws the noise of the whole block and keeps its
-        rows, so the random stream, hence training, is that of the full computation."""
+        rows, so on the CPU the random stream, hence training, is that of the full computation
+        (CUDA's fused dropout draws its noise otherwise)."""
+        n, s, d = x.shape
         if queries is None:
-            n, s, d = x.shape
             q, k, v = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0)
             x = self.norm_attn(x + self.drop(self.out(attended.transpose(1, 2).reshape(n, s, d))))
             return self.norm_ffn(x + self.drop(self.ffn(x)))
-        n, s, d = x.shape
         head = d // self.heads
         query_weight, key_value_weight = self.qkv.weight.split([d, 2 * d])
         rows = x[:, queries]
