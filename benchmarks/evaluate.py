@@ -26,17 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from compare import code_trees, in_turns  # benchmarks/compare.py
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import compare  # noqa: E402
 FIGURES = ("evaluation_s", "evaluation_cpu_s", "item_pass_s", "item_pass_cpu_s")  # medians, compared as baseline / this
 
 
@@ -61,7 +60,8 @@ def measure(code: Path, paths: dict[str, str], model_settings: dict, repeats: in
         torch.set_num_threads(threads)
     params = code / "params.yaml"  # the tree's own: its TrainConfig may know other fields
     cfg = load_section(TrainConfig, "train", params) if "train" in load_params(params) else TrainConfig()
-    cfg = dataclasses.replace(cfg, **paths, model=dataclasses.replace(cfg.model, **model_settings))
+    model_config, ignored = compare.with_settings(cfg.model, model_settings)
+    cfg = dataclasses.replace(cfg, **paths, model=model_config)
     _, data, model, *_ = set_up(cfg)
     model.eval()
 
@@ -77,11 +77,12 @@ def measure(code: Path, paths: dict[str, str], model_settings: dict, repeats: in
     evaluation = [seconds(lambda: evaluate(model, data.valid, cfg.eval_batch_size)) for _ in range(repeats)]
     return {
         "code": str(code),
-        "commit": subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": compare.commit(code),
         "users": len(data.valid.targets),
         "items": data.num_items,
         "variant": cfg.model.variant,
         "model": dataclasses.asdict(cfg.model),
+        "model_settings_unknown_here": ignored,
         "threads": torch.get_num_threads(),
         "item_pass_runs_s": [wall for wall, _ in item_pass],
         "item_pass_cpu_runs_s": [cpu for _, cpu in item_pass],
@@ -92,51 +93,7 @@ def measure(code: Path, paths: dict[str, str], model_settings: dict, repeats: in
     }
 
 
-def in_fresh_process(code: Path, paths: dict[str, str], model_settings: dict, repeats: int, threads: int | None) -> dict:
-    """measure() in a new interpreter (its own imports, its own peak memory); the result is
-    the last line of its output, as JSON."""
-    command = [sys.executable, __file__, "--measure", str(code), "--paths", json.dumps(paths), "--model-json", json.dumps(model_settings)]
-    command += ["--repeats", str(repeats)]
-    if threads:
-        command += ["--threads", str(threads)]
-    done = subprocess.run(command, cwd=code, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring {code} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def merged(rounds: list[dict]) -> dict:
-    """One tree's rounds as one result: the medians over all their timed runs."""
-    first = rounds[0]
-    if any(r["metrics"] != first["metrics"] for r in rounds):
-        raise RuntimeError(f"{first['code']}: the metrics differ between rounds")
-    runs = {key: [s for r in rounds for s in r[key]] for key in first if key.endswith("_runs_s")}
-    return {
-        **{key: value for key, value in first.items() if key not in runs and key != "peak_rss_mb"},
-        **{key.replace("_runs", ""): round(statistics.median(values), 4) for key, values in runs.items()},
-        **runs,
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
-    }
-
-
 # --- the run ----------------------------------------------------------------------------------
-
-
-def data_paths(kind: str, folder: Path) -> dict[str, str]:
-    """Absolute input paths, so that a baseline worktree without data reads the same files."""
-    if kind == "synthetic":
-        sys.path.insert(0, str(ROOT))
-        from tests.toy import make_toy_dataset
-
-        root = make_toy_dataset(folder, num_users=943, num_items=1332, seq_len=15, text_shape=(30, 384), image_shape=(50, 1280))
-    else:
-        root = ROOT / "data"
-    return {
-        "sequences": str(root / "ingest/sequences.parquet"),
-        "popularity": str(root / "ingest/popularity.parquet"),
-        "text_features": str(root / "features/text.parquet"),
-        "image_features": str(root / "features/image.parquet"),
-    }
 
 
 def main() -> None:
@@ -161,25 +118,18 @@ def main() -> None:
 
     load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = data_paths(args.data, Path(tmp))
-        trees = code_trees(args.baseline_worktree)
-        rounds = in_turns(trees, args.rounds, lambda _, code: in_fresh_process(code, paths, model_settings, args.repeats, args.threads))
-    runs = {name: merged(measured) for name, measured in rounds.items()}
-    report = {
-        "data": args.data,
-        "model_settings": model_settings,
-        "repeats": args.repeats,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": len(os.sched_getaffinity(0)),
-            "load_average_at_start_and_end": [list(load_at_start), list(os.getloadavg())],  # 1, 5, 15 min
-        },
-        "runs": runs,
-    }
+        paths = compare.data_paths(args.data, Path(tmp))
+        arguments = ["--paths", json.dumps(paths), "--model-json", json.dumps(model_settings), "--repeats", str(args.repeats)]
+        arguments += ["--threads", str(args.threads)] if args.threads else []
+        rounds = compare.taking_turns(__file__, compare.trees(ROOT, args.baseline_worktree), args.rounds, arguments)
+    for name, measured in rounds.items():
+        if any(r["metrics"] != measured[0]["metrics"] for r in measured):
+            raise RuntimeError(f"{name}: the metrics differ between rounds")
+    runs = {name: compare.median_of_runs(measured) for name, measured in rounds.items()}
+    report = {"data": args.data, "model_settings": model_settings, "repeats": args.repeats, "machine": compare.machine(load_at_start), "runs": runs}
     if "baseline" in runs:
-        base, this = runs["baseline"], runs["this"]
-        report["speed-up"] = {key.removesuffix("_s"): round(base[key] / this[key], 2) for key in FIGURES}
-        report["same_metrics"] = base["metrics"] == this["metrics"]
+        report["speed-up"] = compare.speed_up(runs["baseline"], runs["this"], FIGURES)
+        report["same_metrics"] = runs["baseline"]["metrics"] == runs["this"]["metrics"]
 
     sys.path.insert(0, str(ROOT))
     from pipeline.io import write_json

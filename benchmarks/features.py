@@ -53,7 +53,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import synthetic  # noqa: E402  (benchmarks/synthetic.py)
-from compare import code_trees, commit_of, in_turns, speed_up  # noqa: E402  (benchmarks/compare.py)
+import compare  # noqa: E402  (benchmarks/compare.py)
 from pipeline import schema  # noqa: E402
 from pipeline.features import time_shares  # noqa: E402
 from pipeline.features.store import load_token_features  # noqa: E402
@@ -283,7 +283,7 @@ def encoding_s(run: dict) -> float:
     return max(run["encoded"] / run["processes"] / rate for rate in run["encode_items_per_s_per_rank"])
 
 
-def compare(a: Path, b: Path, rows: int | None = None) -> dict:
+def feature_difference(a: Path, b: Path, rows: int | None = None) -> dict:
     """Whether two feature files hold the same tokens (first `rows` items), and the largest difference."""
     fa, fb = load_token_features(a), load_token_features(b)
     n = (rows or fa.num_items) + 1
@@ -330,8 +330,8 @@ def scale(items: int, modalities: list[str], image_size: int, real_text: bool, o
                 "encoder": (f"{TINY_IMAGE_MODEL}, random weights, {image_size} px" if modality == "image" else
                             "all-MiniLM-L6-v2" if real_text else "1-layer BERT of width 32, random weights, MiniLM's tokenizer"),
                 "runs": runs,
-                "sharded_vs_single": compare(single, sharded),
-                "incremental_vs_single_on_old_items": compare(single, incremental, rows=items),
+                "sharded_vs_single": feature_difference(single, sharded),
+                "incremental_vs_single_on_old_items": feature_difference(single, incremental, rows=items),
                 "feature_file_mb": round(single.stat().st_size / 2**20),
             }
     report["load_average_1min_end"] = round(os.getloadavg()[0], 2)
@@ -356,7 +356,7 @@ def image_against_baseline(baseline: Path, items: int, width: int, height: int, 
     """The image_features stage of this checkout and of `baseline`, each with its own default
     params, on the same synthetic images, taking turns: items/s (encoding, as the stage logs
     it), the ratio of the medians and whether both wrote the same features."""
-    trees = code_trees(baseline)
+    trees = compare.trees(ROOT, baseline)
     load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -367,18 +367,18 @@ def image_against_baseline(baseline: Path, items: int, width: int, height: int, 
             args = ["--params", str(code / "params.yaml"), "--images", str(folder / "images.parquet"), "--out", str(output), "--cache", ""]
             return run_stage(name, "image_features", args, 1, folder / f"{name}.log", code=code, threads=None)
 
-        runs = in_turns(trees, rounds, run)
-        same = compare(folder / "this.parquet", folder / "baseline.parquet")
+        runs = compare.in_turns(trees, rounds, run)
+        same = feature_difference(folder / "this.parquet", folder / "baseline.parquet")
     rates = {name: [r["encode_items_per_s_per_rank"][0] for r in results] for name, results in runs.items()}
     report = {
         "images": items,
         "synthetic_image_px": [width, height],
         "cpus": len(os.sched_getaffinity(0)),
         "load_average_at_start_and_end": [list(load_at_start), list(os.getloadavg())],  # 1, 5, 15 min
-        "trees": {name: {"code": str(code), "commit": commit_of(code), "params": load_section_dict(code)} for name, code in trees.items()},
+        "trees": {name: {"code": str(code), "commit": compare.commit(code), "params": load_section_dict(code)} for name, code in trees.items()},
         "items_per_s": {name: round(statistics.median(r), 2) for name, r in rates.items()},
         "runs": runs,
-        "speed_up": speed_up(rates["baseline"], rates["this"], higher_is_faster=True),
+        "speed_up": round(statistics.median(rates["this"]) / statistics.median(rates["baseline"]), 2),  # items/s: above 1, this tree is faster
         "same_features": same,
     }
     write_json(report, out)

@@ -12,6 +12,7 @@ from pipeline.models.backbones import build_backbone
 from pipeline.models.imt import IDAwareMultimodalTransformer, imt_attention_mask
 from pipeline.models import items
 from pipeline.models.items import _to_width, initial_id_table
+from pipeline.models.layers import TransformerBlock
 from pipeline.models.odmt import ODMT, VARIANTS, ModelConfig
 
 NUM_ITEMS, WIDTH = 12, 8
@@ -90,6 +91,67 @@ def test_padded_text_features_change_nothing_through_the_model():
     m.items.sources.text_tokens[3, -1] += 3.0
     after = m.items(ids)
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("ffn_dropout", [False, True])
+def test_a_block_computing_some_query_rows_gives_those_rows_of_the_full_block(training, ffn_dropout):
+    """The IMT's last block computes only its output tokens' rows; in training it draws the
+    whole block's dropout noise, so the rows AND the random stream after it are the full block's."""
+    torch.manual_seed(0)
+    block = TransformerBlock(WIDTH, heads=2, dropout=0.3, ffn_dropout=ffn_dropout).train(training)
+    x = torch.randn(4, 7, WIDTH)
+    allowed = imt_attention_mask(torch.tensor([[True] * 3 + [False]] * 4), num_image_tokens=2, id_aware=True)
+    queries = torch.tensor([0, 4, 6])
+    torch.manual_seed(1)
+    full = block(x, allowed)[:, queries]
+    after_full = torch.rand(3)
+    torch.manual_seed(1)
+    rows = block(x, allowed, queries)
+    assert torch.allclose(rows, full, atol=1e-6)
+    assert torch.equal(torch.rand(3), after_full)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_imt_recompute_gives_the_same_training_step(fast):
+    """Activation checkpointing redraws the same dropout masks: loss and gradients are the same."""
+    slots = torch.tensor([[0, 1, 2, 3, 4, 5], [2, 2, 7, 9, 11, 12]])
+    gradients = []
+    for recompute in (False, True):
+        m = model(imt_recompute=recompute, fast_item_encoder=fast, dropout=0.2).train()
+        torch.manual_seed(3)
+        states, vectors = m(slots)
+        (states.square().sum() + vectors.sum()).backward()
+        gradients.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert len(gradients[0]) == len(gradients[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*gradients))
+
+
+def test_fast_item_encoder_gives_the_same_training_step_to_float_rounding():
+    """Same dropout masks (the random stream is kept), so the same loss and gradients up to rounding."""
+    slots = torch.tensor([[0, 1, 2, 3, 4, 5], [2, 2, 7, 9, 11, 12]])
+    results = []
+    for fast in (False, True):
+        m = model(fast_item_encoder=fast, dropout=0.2).train()
+        torch.manual_seed(3)
+        states, vectors = m(slots)
+        (states.square().sum() + vectors.sum()).backward()
+        results.append((states, [p.grad for p in m.parameters() if p.grad is not None]))
+    (states, gradients), (fast_states, fast_gradients) = results
+    assert torch.allclose(states, fast_states, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(gradients, fast_gradients))
+
+
+def test_items_with_repeated_ids_get_the_vectors_of_each_id():
+    """The fast item encoder projects each distinct item of a call once and gathers it to its
+    slots, and computes the IMT's last block at the output tokens only."""
+    m = model(fast_item_encoder=True)
+    ids = torch.tensor([3, 1, 3, 0, 7, 1])
+    with torch.no_grad():
+        together = m.items(ids)
+        one_by_one = torch.cat([m.items(i[None]) for i in ids], dim=1)
+    assert together.shape == (3, 6, WIDTH)
+    assert torch.allclose(together, one_by_one, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

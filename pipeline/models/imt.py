@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import TransformerBlock
 
@@ -30,9 +31,23 @@ def imt_attention_mask(text_mask: torch.Tensor, num_image_tokens: int, id_aware:
 
 
 class IDAwareMultimodalTransformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, dropout: float, id_aware: bool = True, ffn_dropout: bool = False):
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        dropout: float,
+        id_aware: bool = True,
+        ffn_dropout: bool = False,
+        outputs_only: bool = False,
+        recompute: bool = False,
+    ):
+        """outputs_only: the last block computes only the rows of the output tokens (the same
+        math and random stream, other float rounding). recompute: in training, keep only each
+        block's input and recompute its activations in the backward pass (activation
+        checkpointing; the same dropout masks are redrawn, the same numbers)."""
         super().__init__()
-        self.id_aware = id_aware
+        self.id_aware, self.outputs_only, self.recompute = id_aware, outputs_only, recompute
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, eps=1e-6, ffn_dropout=ffn_dropout) for _ in range(layers))
 
@@ -55,6 +70,14 @@ class IDAwareMultimodalTransformer(nn.Module):
             text_mask = torch.zeros(x.shape[0], 0, dtype=torch.bool, device=x.device)
         allowed = imt_attention_mask(text_mask, 0 if image is None else image.shape[1], self.id_aware, has_id=ident is not None)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, allowed)
-        return {name: x[:, position] for name, position in outputs.items()}
+        positions = torch.tensor(list(outputs.values()), device=x.device)
+        for i, block in enumerate(self.blocks):
+            # The last block is read at the output tokens only: their rows can be all it computes.
+            queries = positions if self.outputs_only and i == len(self.blocks) - 1 else None
+            if self.recompute and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, allowed, queries, use_reentrant=False)
+            else:
+                x = block(x, allowed, queries)
+        if not self.outputs_only:
+            x = x[:, positions]
+        return {name: x[:, i] for i, name in enumerate(outputs)}

@@ -150,16 +150,34 @@ def _to_width(cls: torch.Tensor, rows: torch.Tensor, width: int, sample: int = P
 class IMTItems(nn.Module):
     """The IMT over the present sources' tokens, then one output MLP per present source."""
 
-    def __init__(self, sources: ItemSources, width: int, layers: int, heads: int, dropout: float, id_aware: bool, ffn_dropout: bool = False):
+    def __init__(
+        self,
+        sources: ItemSources,
+        width: int,
+        layers: int,
+        heads: int,
+        dropout: float,
+        id_aware: bool,
+        ffn_dropout: bool = False,
+        fast: bool = False,
+        recompute: bool = False,
+    ):
+        """fast: each distinct item of a call projected once, the IMT's last block computed at its
+        output tokens only (the same math, other float rounding); recompute: see the IMT."""
         super().__init__()
-        self.sources, self.branches = sources, sources.present()
-        self.imt = IDAwareMultimodalTransformer(width, layers, heads, dropout, id_aware, ffn_dropout)
+        self.sources, self.branches, self.fast = sources, sources.present(), fast
+        self.imt = IDAwareMultimodalTransformer(width, layers, heads, dropout, id_aware, ffn_dropout, outputs_only=fast, recompute=recompute)
         self.heads = nn.ModuleDict({b: mlp(width, width) for b in self.branches})
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        text, text_mask = self.sources.text(ids) if "text" in self.branches else (None, None)
-        image = self.sources.image(ids) if "image" in self.branches else None
-        ident = self.sources.ident(ids) if "id" in self.branches else None
+        # The projected tokens depend on the item alone (dropout comes later, in the IMT): the fast
+        # path projects each distinct item once and gathers it to its slots.
+        unique, slot = torch.unique(ids, return_inverse=True) if self.fast else (ids, None)
+        text, text_mask = self.sources.text(unique) if "text" in self.branches else (None, None)
+        image = self.sources.image(unique) if "image" in self.branches else None
+        ident = self.sources.ident(unique) if "id" in self.branches else None
+        if self.fast:
+            text, text_mask, image, ident = (None if part is None else part[slot] for part in (text, text_mask, image, ident))
         outputs = self.imt(text, text_mask, image, ident)
         return torch.stack([self.heads[b](outputs[b]) for b in self.branches])
 

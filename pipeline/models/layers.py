@@ -25,13 +25,52 @@ class TransformerBlock(nn.Module):
         self.norm_ffn = nn.LayerNorm(width, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x: (n, S, d); allowed: (n or 1, S, S) bool, [query, key] True = may attend."""
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (n, S, d); allowed: (n or 1, S, S) bool, [query, key] True = may attend.
+
+        queries: positions (Q,) whose outputs alone are wanted -> (n, Q, d): their rows are all
+        that the attention, the output projection and the FFN compute (keys and values still
+        cover every position). Dropout then draws the noise of the whole block and keeps its
+        rows, so on the CPU the random stream, hence training, is that of the full computation
+        (CUDA's fused dropout draws its noise otherwise)."""
         n, s, d = x.shape
-        q, k, v = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0)
-        x = self.norm_attn(x + self.drop(self.out(attended.transpose(1, 2).reshape(n, s, d))))
-        return self.norm_ffn(x + self.drop(self.ffn(x)))
+        if queries is None:
+            q, k, v = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0)
+            x = self.norm_attn(x + self.drop(self.out(attended.transpose(1, 2).reshape(n, s, d))))
+            return self.norm_ffn(x + self.drop(self.ffn(x)))
+        head = d // self.heads
+        query_weight, key_value_weight = self.qkv.weight.split([d, 2 * d])
+        rows = x[:, queries]
+        q = F.linear(rows, query_weight).view(n, len(queries), self.heads, head).transpose(1, 2)
+        k, v = F.linear(x, key_value_weight).view(n, s, 2, self.heads, head).permute(2, 0, 3, 1, 4)
+        attended = self._attention_rows(q, k, v, allowed[:, queries], queries, s)
+        rows = self.norm_attn(rows + self._dropout_rows(self.out(attended.transpose(1, 2).reshape(n, len(queries), d)), (n, s, d), queries))
+        linear_in, relu, inner_drop, linear_out = self.ffn
+        hidden = relu(linear_in(rows))
+        if isinstance(inner_drop, nn.Dropout):
+            hidden = self._dropout_rows(hidden, (n, s, hidden.shape[-1]), queries)
+        return self.norm_ffn(rows + self._dropout_rows(linear_out(hidden), (n, s, d), queries))
+
+    def _attention_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, queries: torch.Tensor, keys: int) -> torch.Tensor:
+        """Attention of the query rows q (n, h, Q, hd) over all keys; allowed (n or 1, Q, S)."""
+        if not (self.training and self.dropout > 0):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        # nan_to_num: a query that sees no key attends to nothing, as in scaled_dot_product_attention.
+        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+        n, heads = q.shape[:2]
+        return self._dropout_rows(probs, (n, heads, keys, keys), queries, dim=2) @ v
+
+    def _dropout_rows(self, values: torch.Tensor, full_shape: tuple[int, ...], queries: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Dropout of ``values``, the ``queries`` rows (along ``dim``) of a tensor of
+        ``full_shape``, with the noise that dropout of the whole tensor draws on the CPU
+        (bernoulli of the keep probability, scaled by its inverse)."""
+        if not (self.training and self.dropout > 0):
+            return values
+        keep = 1 - self.dropout
+        noise = torch.empty(full_shape, dtype=values.dtype, device=values.device).bernoulli_(keep).div_(keep)
+        return values * noise.index_select(dim, queries)
 
 
 def mlp(width_in: int, width: int) -> nn.Sequential:

@@ -95,6 +95,11 @@ class ModelConfig:
     xavier_init: Literal["encoders", "all"] = "encoders"  # xavier-normal on the sequence encoders only, or every Linear/Embedding
     ffn_dropout: bool = False  # a dropout between the two layers of every transformer FFN
     dropout_per_slot: bool = True  # training: every slot of an item draws its own dropout mask (false: one per distinct item of a batch)
+    # Speed and memory of the IMT (README "Training speed and memory"):
+    # Each distinct item of a batch projected once, the IMT's last block computed at its output
+    # tokens only: the same math and dropout masks, other float rounding.
+    fast_item_encoder: bool = False
+    imt_recompute: bool = False  # training: recompute the IMT's activations in the backward pass (less memory, more time; same numbers)
 
     def validate(self) -> None:
         for name in ("width", "max_len", "imt_layers", "imt_heads", "seq_layers", "seq_heads", "text_tokens", "image_tokens"):
@@ -150,7 +155,7 @@ class ODMT(SequentialRecommender):
             id_scale_sqrt_width=cfg.id_scale_sqrt_width,
         )
         if variant.items == "imt":
-            self.items = IMTItems(item_sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware, cfg.ffn_dropout)
+            self.items = IMTItems(item_sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware, cfg.ffn_dropout, cfg.fast_item_encoder, cfg.imt_recompute)
         elif variant.items == "late":
             self.items = LateFusionItems(item_sources, cfg.width, self.branches)
         else:

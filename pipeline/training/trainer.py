@@ -300,3 +300,7 @@ def _deterministic(env: ddp.Distributed) -> None:
         torch.backends.cudnn.benchmark = False
     # warn_only: a CUDA op without a deterministic kernel warns instead of stopping training.
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised
+    # memory; no kernel of this model reads any, and the fill was an extra pass over every
+    # activation (12% of a training step's CPU time, benchmarks/results/train-profile.txt).
+    torch.utils.deterministic.fill_uninitialized_memory = False
