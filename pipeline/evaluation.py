@@ -79,9 +79,11 @@ def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConf
     for split in SPLITS:
         path = candidates_dir / f"{split}.parquet"
         users = split_users(sequences, split, config.exclude_history)
-        candidates = pq.read_table(path)
         result[split] = {}
         for ranking in scoring["rankings"]:
+            # one ranking's item lists at a time, without the scores: at 1M users the whole
+            # candidates table (4 rankings, items and scores) is ~8x what one ranking needs
+            candidates = pq.read_table(path, columns=["user_idx", candidate_columns(ranking)[0]])
             ranks = split_ranks(candidates, users, ranking, str(path))
             result[split][ranking] = summarize(ranks, tuple(config.ks))
             if ranking == "fused":
