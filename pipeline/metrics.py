@@ -19,47 +19,30 @@ import torch
 ExcludeHistory = Literal["all", "all_but_target"]
 
 
-def excluded_items(history: np.ndarray, target: int, how: ExcludeHistory) -> np.ndarray:
-    """The items of ``history`` that a user's ranking leaves out, under the protocol ``how``."""
-    if how == "all":
-        return history
-    if how == "all_but_target":
-        return history[history != target]
-    raise ValueError(f"unknown exclude_history {how!r} (expected all or all_but_target)")
-
-
-def full_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
-    """Exact rank of each target among ALL items, from full scores.
-
-    scores: (U, N+1) float, column 0 = padding item; targets: (U,) item indices 1..N;
-    excluded: (U, H) item indices never ranked (excluded_items; 0 = padding, ignored). A target
-    among them cannot be hit: rank inf, as when it is missing from a candidate list. Otherwise
-    rank = number of ranked items scoring at least as high as the target (the target included):
-    ties count against the target, so a model that scores everything equal gets the worst rank.
-    """
-    scores = scores.float().scatter(1, excluded.long(), float("-inf"))
-    scores[:, 0] = float("-inf")
-    target_scores = scores.gather(1, targets.long()[:, None])
-    ranks = (scores >= target_scores).sum(1).float()
-    return torch.where(torch.isneginf(target_scores[:, 0]), float("inf"), ranks)
-
-
 # Items scored at once by blocked_ranks: its memory is (users of a block) x this many float32
 # scores, whatever the catalogue size (1024 x 65,536 = 256 MB), and a catalogue up to this size
-# is scored in one product, exactly as full_ranks(users @ items.T, ...) does.
+# is scored in one product.
 ITEM_BLOCK_SIZE = 65_536
 
 
 def blocked_ranks(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor, item_block_size: int = ITEM_BLOCK_SIZE) -> torch.Tensor:
-    """full_ranks(users @ items.T, targets, excluded) without the (U, N+1) score matrix.
+    """Exact rank of each target among ALL items, by the scores users @ items.T, without the
+    (U, N+1) score matrix.
 
-    users: (U, d); items: (N+1, d), row 0 = padding. The items are scored in blocks of
+    users: (U, d); items: (N+1, d), row 0 = padding, never ranked; targets: (U,) item indices
+    1..N; excluded: (U, H) item indices never ranked (the user's history under exclude_history;
+    0 = padding, ignored). A target among them cannot be hit: rank inf, as when it is missing
+    from a candidate list. Otherwise rank = number of ranked items scoring at least as high as the
+    target (the target included): ties count against the target, so a model that scores
+    everything equal gets the worst rank.
+
+    The items are scored in blocks of
     item_block_size rows: a first pass takes each target's score from its block, a second counts
     the ranked items of every block scoring at least as high. Both passes compute the same block
     products, so a target is compared with exactly the scores it is counted against; with more
     than one block, these are the full product's scores up to the last bit of the matrix kernel
     (the same numbers, not always the same bits). One block (N+1 <= item_block_size) is computed
-    once and gives full_ranks' ranks bit for bit.
+    once: the ranks of the full score matrix bit for bit.
     """
     if item_block_size < 1:
         raise ValueError(f"item_block_size must be >= 1, got {item_block_size}")
@@ -83,7 +66,7 @@ def blocked_ranks(users: torch.Tensor, items: torch.Tensor, targets: torch.Tenso
 
 def _ranked_block(scores: torch.Tensor, start: int, excluded: torch.Tensor) -> torch.Tensor:
     """The scores of items start.. (one block of columns) with each user's excluded items and the
-    padding item at -inf, never ranked (as full_ranks)."""
+    padding item at -inf, never ranked."""
     users, width = scores.shape
     local = excluded.long() - start
     # excluded items of other blocks go to a spare column, cut off below

@@ -185,7 +185,7 @@ class SplitUsers:
 def split_users(sequences: pa.Table, split: str, exclude_history: ExcludeHistory = "all") -> SplitUsers:
     """valid: history = train_items, target = valid_item; test: history = train_items +
     valid_item, target = test_item (leave-one-out, see pipeline/schema.py SEQUENCES); the
-    excluded items as pipeline.metrics.excluded_items defines them per user, for all users at once."""
+    excluded items (the history, or under all_but_target the history without the target), for all users at once."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
     train = Ragged.from_arrow(sequences.column("train_items"))

@@ -19,7 +19,6 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.evaluation import EvaluateConfig, evaluate_run
 from pipeline.io import read_json, read_metadata
 from pipeline.models.base import SequentialRecommender
-from pipeline.metrics import excluded_items
 from pipeline.scoring import (
     IndexConfig,
     ScoreConfig,
@@ -36,7 +35,7 @@ from pipeline.scoring import (
 from pipeline.training.trainer import train
 from tests import project
 from tests.test_training import toy_config
-from tests.toy import make_toy_dataset, ragged, rows_of
+from tests.toy import excluded_items, make_toy_dataset, ragged, rows_of
 
 ROOT = project.ROOT
 

@@ -22,7 +22,7 @@ import yaml
 
 from pipeline.config import from_dict, load_section
 from pipeline.evaluation import EvaluateConfig, evaluate_run
-from pipeline.metrics import blocked_ranks, excluded_items, full_ranks, hit_rate, mrr, ndcg, summarize
+from pipeline.metrics import blocked_ranks, hit_rate, mrr, ndcg, summarize
 from pipeline.models import odmt
 from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
@@ -32,7 +32,7 @@ from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
 from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity
 from pipeline.training.trainer import evaluate, ranked_users, sample_split, train
-from tests.toy import make_toy_dataset, ragged
+from tests.toy import excluded_items, full_ranks, make_toy_dataset, ragged
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from pipeline import schema
 from pipeline.io import write_table
@@ -85,3 +86,24 @@ def ragged(rows) -> Ragged:
 def rows_of(values: Ragged) -> list[np.ndarray]:
     """The rows of a Ragged as a list of arrays."""
     return [values.row(i) for i in range(len(values))]
+
+
+# --- per-user and full-matrix definitions the vectorised pipeline code is tested against ---
+
+
+def excluded_items(history: np.ndarray, target: int, how: str) -> np.ndarray:
+    """The items of one user's ``history`` that the ranking leaves out, under evaluate.exclude_history."""
+    if how == "all":
+        return history
+    if how == "all_but_target":
+        return history[history != target]
+    raise ValueError(f"unknown exclude_history {how!r} (expected all or all_but_target)")
+
+
+def full_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """pipeline.metrics.blocked_ranks' ranks from the whole (U, N+1) score matrix (column 0 = padding)."""
+    scores = scores.float().scatter(1, excluded.long(), float("-inf"))
+    scores[:, 0] = float("-inf")
+    target_scores = scores.gather(1, targets.long()[:, None])
+    ranks = (scores >= target_scores).sum(1).float()
+    return torch.where(torch.isneginf(target_scores[:, 0]), float("inf"), ranks)
