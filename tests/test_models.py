@@ -10,7 +10,7 @@ import torch
 from pipeline.features.store import TokenFeatures
 from pipeline.models.backbones import build_backbone
 from pipeline.models.imt import IDAwareMultimodalTransformer, imt_attention_mask
-from pipeline.models import items
+from pipeline.models import items, odmt
 from pipeline.models.items import _to_width, initial_id_table
 from pipeline.models.layers import TransformerBlock
 from pipeline.models.odmt import ODMT, VARIANTS, ModelConfig
@@ -112,19 +112,35 @@ def test_a_block_computing_some_query_rows_gives_those_rows_of_the_full_block(tr
     assert torch.equal(torch.rand(3), after_full)
 
 
+def training_step_gradients(m: ODMT, slots: torch.Tensor) -> list[torch.Tensor]:
+    torch.manual_seed(3)
+    states, vectors = m(slots)
+    (states.square().sum() + vectors.sum()).backward()
+    return [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+
 @pytest.mark.parametrize("fast", [False, True])
-def test_imt_recompute_gives_the_same_training_step(fast):
-    """Activation checkpointing redraws the same dropout masks: loss and gradients are the same."""
+def test_imt_recompute_redraws_each_chunks_dropout_masks(fast, monkeypatch):
+    """imt_recompute: the item encoder in checkpointed chunks; the backward pass recomputes each
+    chunk with the masks of its forward, so the gradients are those of the same chunks kept in
+    memory (the checkpoint replaced by a plain call)."""
+    monkeypatch.setattr(odmt, "ITEM_CHUNK", 5)  # 12 slots: chunks of 5, 5 and 2 items
     slots = torch.tensor([[0, 1, 2, 3, 4, 5], [2, 2, 7, 9, 11, 12]])
-    gradients = []
-    for recompute in (False, True):
-        m = model(imt_recompute=recompute, fast_item_encoder=fast, dropout=0.2).train()
-        torch.manual_seed(3)
-        states, vectors = m(slots)
-        (states.square().sum() + vectors.sum()).backward()
-        gradients.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
-    assert len(gradients[0]) == len(gradients[1]) > 0
-    assert all(torch.equal(a, b) for a, b in zip(*gradients))
+    recomputed = training_step_gradients(model(imt_recompute=True, fast_item_encoder=fast, dropout=0.2).train(), slots)
+    monkeypatch.setattr(odmt, "checkpoint", lambda function, *args, **kwargs: function(*args))
+    kept = training_step_gradients(model(imt_recompute=True, fast_item_encoder=fast, dropout=0.2).train(), slots)
+    assert len(recomputed) == len(kept) > 0
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, kept))
+
+
+def test_imt_recompute_without_dropout_gives_the_step_of_one_pass(monkeypatch):
+    """Without dropout the chunks change nothing but float rounding (gradients that cancel to
+    ~1e-5 keep ~1e-6 of it)."""
+    monkeypatch.setattr(odmt, "ITEM_CHUNK", 5)
+    slots = torch.tensor([[0, 1, 2, 3, 4, 5], [2, 2, 7, 9, 11, 12]])
+    chunked = training_step_gradients(model(imt_recompute=True, dropout=0.0).train(), slots)
+    whole = training_step_gradients(model(dropout=0.0).train(), slots)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(chunked, whole))
 
 
 def test_fast_item_encoder_gives_the_same_training_step_to_float_rounding():
@@ -194,6 +210,19 @@ def test_backbones_are_causal(backbone):
     a, b = encoder(x, real), encoder(changed, real)
     assert a.shape == (2, 6, WIDTH)
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6) and not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])
+def test_user_state_is_the_last_positions_state(backbone):
+    """user_state (SASRec: its last block on the last row only) = the full states' last row."""
+    torch.manual_seed(0)
+    encoder = build_backbone(backbone, WIDTH, max_len=6, layers=2, heads=2, dropout=0.0).eval()
+    x = torch.randn(3, 6, WIDTH)
+    real = torch.tensor([[True] * 6, [False, False] + [True] * 4, [False] * 5 + [True]])
+    x[~real] = 0
+    user = encoder.user_state(x, real)
+    assert user.shape == (3, WIDTH)
+    assert torch.allclose(user, encoder(x, real)[:, -1], atol=1e-6)
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])

@@ -5,7 +5,8 @@
     real: (B, L) bool, False at padding; states: (B, L, d), position t summarises items <= t
     and predicts the item at t+1.
 
-All three are causal, so the last position's state is the user vector, and none depends on how
+All three are causal, so the last position's state is the user vector (`user_state`, which
+SASRec computes without the other positions' outputs), and none depends on how
 much padding precedes a sequence (nor on the values at padded positions): SASRec masks padding
 keys and counts positions from the right end, GRU4Rec runs each sequence right-aligned (padding
 after it), NextItNet keeps padded positions at exactly zero after every convolution, as its
@@ -21,7 +22,13 @@ from torch import nn
 from .layers import TransformerBlock
 
 
-class SASRec(nn.Module):
+class CausalEncoder(nn.Module):
+    def user_state(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """(B, d): the last position's state, all that scoring reads."""
+        return self(x, real)[:, -1]
+
+
+class SASRec(CausalEncoder):
     """Learnable absolute positions, LayerNorm + dropout, post-LN blocks, causal + padding mask.
 
     Positions are counted from the right end (the last slot is always position max_len - 1), as
@@ -35,18 +42,25 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, ffn_dropout=ffn_dropout) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, real: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """last_only: the last block computes the last position's row alone -> (B, 1, d)."""
         length = x.shape[1]
         x = self.drop(self.norm(x + self.positions.weight[self.positions.num_embeddings - length :]))
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         # A padded query sees only itself, so no row of the softmax is empty (its output is unused).
         allowed = causal & (real[:, None, :] | torch.eye(length, dtype=torch.bool, device=x.device))
-        for block in self.blocks:
-            x = block(x, allowed)
+        for i, block in enumerate(self.blocks):
+            last_block = i == len(self.blocks) - 1
+            x = block(x, allowed, torch.tensor([length - 1], device=x.device) if last_only and last_block else None)
         return x
 
+    def user_state(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        # The last block's keys and values still cover every position; its attention, output
+        # projection and FFN run on one row of the L (the same math, other float rounding).
+        return self(x, real, last_only=True)[:, -1]
 
-class GRU4Rec(nn.Module):
+
+class GRU4Rec(CausalEncoder):
     """Input dropout, a GRU, a linear output layer. Each sequence is run right-aligned (its
     padding moved after it), so the GRU starts from the zero state at its first real item."""
 
@@ -62,7 +76,7 @@ class GRU4Rec(nn.Module):
         return self.out(roll_rows(states, -padding)) * real[..., None]
 
 
-class NextItNet(nn.Module):
+class NextItNet(CausalEncoder):
     """Residual blocks of two dilated causal convolutions (kernel 3, dilations r and 2r, with
     r = 1, 2, 4, ... per block), each followed by LayerNorm and ReLU. Padded positions are set
     to zero after every convolution, like the causal zero padding before the sequence, so no
@@ -95,7 +109,7 @@ def roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand_as(x))
 
 
-def build_backbone(name: str, width: int, max_len: int, layers: int, heads: int, dropout: float, ffn_dropout: bool = False) -> nn.Module:
+def build_backbone(name: str, width: int, max_len: int, layers: int, heads: int, dropout: float, ffn_dropout: bool = False) -> CausalEncoder:
     if name == "sasrec":
         return SASRec(width, max_len, layers, heads, dropout, ffn_dropout)
     if name == "gru4rec":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .layers import TransformerBlock
 
@@ -40,14 +39,11 @@ class IDAwareMultimodalTransformer(nn.Module):
         id_aware: bool = True,
         ffn_dropout: bool = False,
         outputs_only: bool = False,
-        recompute: bool = False,
     ):
         """outputs_only: the last block computes only the rows of the output tokens (the same
-        math and random stream, other float rounding). recompute: in training, keep only each
-        block's input and recompute its activations in the backward pass (activation
-        checkpointing; the same dropout masks are redrawn, the same numbers)."""
+        math and random stream, other float rounding)."""
         super().__init__()
-        self.id_aware, self.outputs_only, self.recompute = id_aware, outputs_only, recompute
+        self.id_aware, self.outputs_only = id_aware, outputs_only
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, eps=1e-6, ffn_dropout=ffn_dropout) for _ in range(layers))
 
@@ -74,10 +70,7 @@ class IDAwareMultimodalTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             # The last block is read at the output tokens only: their rows can be all it computes.
             queries = positions if self.outputs_only and i == len(self.blocks) - 1 else None
-            if self.recompute and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, allowed, queries, use_reentrant=False)
-            else:
-                x = block(x, allowed, queries)
+            x = block(x, allowed, queries)
         if not self.outputs_only:
             x = x[:, positions]
         return {name: x[:, i] for i, name in enumerate(outputs)}

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..features.store import TokenFeatures
 from .backbones import build_backbone
@@ -99,7 +100,9 @@ class ModelConfig:
     # Each distinct item of a batch projected once, the IMT's last block computed at its output
     # tokens only: the same math and dropout masks, other float rounding.
     fast_item_encoder: bool = False
-    imt_recompute: bool = False  # training: recompute the IMT's activations in the backward pass (less memory, more time; same numbers)
+    # Training: the item encoder in checkpointed chunks of ITEM_CHUNK slots, its activations
+    # recomputed in the backward pass (less memory, more time; other dropout draws, see _encode).
+    imt_recompute: bool = False
 
     def validate(self) -> None:
         for name in ("width", "max_len", "imt_layers", "imt_heads", "seq_layers", "seq_heads", "text_tokens", "image_tokens"):
@@ -120,6 +123,12 @@ def variant_branches(variant: str, sources: tuple[str, ...] = THREE) -> tuple[st
     if not branches:
         raise ValueError(f"variant {variant!r} needs the {'/'.join(spec.branches)} source, which this run does not use (train.modalities)")
     return branches
+
+
+# Items per item-encoder call in item_vectors() (and per checkpointed chunk under imt_recompute):
+# at 128 the IMT's activations (128 x 81 tokens x 4d for the FFN) stay in cache; the catalogue
+# pass measured 1.5x faster than with 1024 on 2 cores, the same vectors.
+ITEM_CHUNK = 128
 
 
 class ODMT(SequentialRecommender):
@@ -155,7 +164,7 @@ class ODMT(SequentialRecommender):
             id_scale_sqrt_width=cfg.id_scale_sqrt_width,
         )
         if variant.items == "imt":
-            self.items = IMTItems(item_sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware, cfg.ffn_dropout, cfg.fast_item_encoder, cfg.imt_recompute)
+            self.items = IMTItems(item_sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware, cfg.ffn_dropout, cfg.fast_item_encoder)
         elif variant.items == "late":
             self.items = LateFusionItems(item_sources, cfg.width, self.branches)
         else:
@@ -185,7 +194,7 @@ class ODMT(SequentialRecommender):
         vectors = self._vectors_of(slots)
         return encode_sequences(self.encoders, vectors[:, :, :-1], slots[:, :-1] != 0), vectors
 
-    def item_vectors(self, chunk: int = 1024) -> torch.Tensor:
+    def item_vectors(self, chunk: int = ITEM_CHUNK) -> torch.Tensor:
         device = next(self.parameters()).device
         ids = torch.arange(self.num_items + 1, device=device)
         per_branch = torch.cat([self.items(part) for part in ids.split(chunk)], dim=1)  # (branches, N+1, d)
@@ -202,11 +211,21 @@ class ODMT(SequentialRecommender):
     def _vectors_of(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.dropout_per_slot and self.cfg.dropout > 0:
             # As the reference: every slot through the item encoder, each with its own dropout.
-            return self.items(ids.reshape(-1)).unflatten(1, ids.shape)
+            return self._encode(ids.reshape(-1)).unflatten(1, ids.shape)
         # Without dropout the same item gives the same vector in every slot: the item encoder
         # runs once per DISTINCT item of the batch, then is gathered to the slots.
         unique, inverse = torch.unique(ids, return_inverse=True)
-        return self.items(unique)[:, inverse]
+        return self._encode(unique)[:, inverse]
+
+    def _encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """The item encoder over (n,) ids -> (branches, n, d). Under imt_recompute in training,
+        in checkpointed chunks of ITEM_CHUNK items: a chunk keeps only its ids and output and
+        redoes its activations in the backward pass with the masks of its forward, so the peak
+        holds one chunk's activations instead of the batch's. Dropout then draws its noise per
+        chunk, so the masks (not their distribution) differ from those without it."""
+        if not (self.cfg.imt_recompute and self.training and torch.is_grad_enabled()):
+            return self.items(ids)
+        return torch.cat([checkpoint(self.items, chunk, use_reentrant=False) for chunk in ids.split(ITEM_CHUNK)], dim=1)
 
 
 def encode_sequences(encoders: nn.ModuleList, vectors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -229,9 +248,8 @@ def users_from_item_table(encoders: nn.ModuleList, item_table: torch.Tensor, row
     (tests/test_training.py, test_users_gathered_...); at the embedded data's shapes (width 64
     or 128) the two were bitwise equal for every batch of users tried."""
     branches = len(encoders)
-    vectors = item_table.unflatten(1, (branches, -1)).transpose(0, 1)[:, rows]  # (B, U, L, d)
-    states = encode_sequences(encoders, vectors, real)[:, :, -1]  # (B, U, d)
-    return torch.cat(list(states), dim=1) / branches
+    vectors = item_table.unflatten(1, (branches, -1)).transpose(0, 1)[:, rows] * real[None, :, :, None]  # (B, U, L, d)
+    return torch.cat([encoder.user_state(vectors[b], real) for b, encoder in enumerate(encoders)], dim=1) / branches
 
 
 class UserEncoder(nn.Module):
