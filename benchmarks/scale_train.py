@@ -43,7 +43,7 @@ def main() -> None:
     exclude_history = load_section(EvaluateConfig, "evaluate", args.params).exclude_history
 
     started = time.perf_counter()
-    env, data, model, optimizer, scaler, use_amp, sources = set_up(cfg, exclude_history)
+    env, data, model, optimizer, scaler, autocast, sources = set_up(cfg, exclude_history)
     setup_s = time.perf_counter() - started
 
     distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0 and bool(distillation_pairs(model.branches, cfg.distill))
@@ -54,7 +54,7 @@ def main() -> None:
     step_s = []
     for rows in batches[: args.steps]:
         started = time.perf_counter()
-        train_step(model, model, optimizer, scaler, data.train[rows].to(env.device), cfg, env, weight, log_p, use_amp)
+        train_step(model, model, optimizer, scaler, data.train[rows].to(env.device), cfg, env, weight, log_p, autocast)
         step_s.append(time.perf_counter() - started)
 
     valid = sample_split(data.valid, ranked_users(len(data.valid.targets), cfg.valid_users, cfg.seed))

@@ -1,6 +1,6 @@
 """Training throughput: seconds per step, sequences/s and peak memory of a training configuration.
 
-    python benchmarks/train.py [--configs default paper] [--model KEY=VALUE ...] [--steps 5] [--rounds 1]
+    python benchmarks/train.py [--configs default paper] [--model KEY=VALUE ...] [--train KEY=VALUE ...] [--steps 5] [--rounds 1]
                                [--data synthetic|real] [--threads N] [--baseline-worktree PATH]
                                [--profile benchmarks/results/train-profile.txt] [--out benchmarks/results/train.json]
 
@@ -13,7 +13,7 @@ training items per user, text 30 x 384, image 50 x 1280) with random content, wr
 temporary folder; its users walk the catalogue, so a batch holds more distinct items than real
 data does (slower: a conservative figure). `real` uses data/ingest and data/features.
 Configurations: `default` is the `train` section of params.yaml, `paper` that of
-params-paper.yaml, each with the --model settings on top (issue 12's configuration: `--configs
+params-paper.yaml, each with the --model (train.model) and --train (train) settings on top (issue 12's configuration: `--configs
 paper --model width=128 --threads 2`, the paper's with width 128; on a CPU it runs in float32).
 Peak memory is the process's maximum resident set size (and the CUDA peak on a GPU).
 
@@ -49,7 +49,9 @@ PROFILE_ROWS = 40
 # --- the measurement, in a child process that imports the pipeline of --measure ---------------
 
 
-def measure(code: Path, config: str, paths: dict[str, str], model_settings: dict, steps: int, threads: int | None, profile: str | None) -> dict:
+def measure(
+    code: Path, config: str, paths: dict[str, str], model_settings: dict, train_settings: dict, steps: int, threads: int | None, profile: str | None
+) -> dict:
     """Seconds of each timed training step and of one validation pass, with the code at
     ``code`` (imported here, after sys.path points at it: the parent may have another)."""
     sys.path.insert(0, str(code))
@@ -70,15 +72,16 @@ def measure(code: Path, config: str, paths: dict[str, str], model_settings: dict
     params = code / PARAMS_FILES[config]  # the tree's own: its TrainConfig may know other fields
     cfg = load_section(TrainConfig, "train", params) if "train" in load_params(params) else TrainConfig()
     model_config, ignored = compare.with_settings(cfg.model, model_settings)
+    cfg, ignored_train = compare.with_settings(cfg, train_settings)
     cfg = dataclasses.replace(cfg, **paths, model=model_config)
-    env, data, model, optimizer, scaler, use_amp, _ = set_up(cfg)
+    env, data, model, optimizer, scaler, autocast, _ = set_up(cfg)
     log_p = log_popularity(data.train_counts).to(env.device)
     epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1)
     model.train()
 
     def step(i: int) -> float:
         started = time.perf_counter()
-        train_step(model, model, optimizer, scaler, data.train[epoch[i % len(epoch)]].to(env.device), cfg, env, 1.0, log_p, use_amp)
+        train_step(model, model, optimizer, scaler, data.train[epoch[i % len(epoch)]].to(env.device), cfg, env, 1.0, log_p, autocast)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         return round(time.perf_counter() - started, 4)
@@ -101,6 +104,7 @@ def measure(code: Path, config: str, paths: dict[str, str], model_settings: dict
         "variant": cfg.model.variant,
         "model": dataclasses.asdict(cfg.model),
         "model_settings_unknown_here": ignored,
+        "train_settings_unknown_here": ignored_train,
         "batch_size": cfg.batch_size,
         "steps_per_epoch": len(epoch),
         "device": str(env.device),
@@ -119,6 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", choices=list(PARAMS_FILES), default=list(PARAMS_FILES))
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="train.model settings over the params file's")
+    parser.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="train settings over the params file's (e.g. cpu_bf16=true)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process (the median over all is reported)")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per tree and configuration, taking turns with the baseline's")
     parser.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
@@ -130,27 +135,28 @@ def main() -> None:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--model-json", help=argparse.SUPPRESS)
+    parser.add_argument("--train-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        result = measure(args.measure.resolve(), args.config, json.loads(args.paths), json.loads(args.model_json), args.steps, args.threads, args.profile)
+        result = measure(args.measure.resolve(), args.config, json.loads(args.paths), json.loads(args.model_json), json.loads(args.train_json), args.steps, args.threads, args.profile)
         print(json.dumps(result))
         return
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be at least 1")
-    model_settings = {key: yaml.safe_load(value) for key, value in (setting.split("=", 1) for setting in args.model)}
+    model_settings, train_settings = ({key: yaml.safe_load(value) for key, value in (s.split("=", 1) for s in given)} for given in (args.model, args.train))
 
     load_at_start = os.getloadavg()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = compare.data_paths(args.data, Path(tmp))
-        common = ["--paths", json.dumps(paths), "--model-json", json.dumps(model_settings), "--steps", str(args.steps)]
+        common = ["--paths", json.dumps(paths), "--model-json", json.dumps(model_settings), "--train-json", json.dumps(train_settings), "--steps", str(args.steps)]
         common += ["--threads", str(args.threads)] if args.threads else []
         for config in args.configs:
             rounds = compare.taking_turns(__file__, compare.trees(ROOT, args.baseline_worktree), args.rounds, [*common, "--config", config])
             runs[config] = {name: compare.median_of_runs(measured) for name, measured in rounds.items()}
         if args.profile:
             compare.in_fresh_process(__file__, ROOT, [*common, "--config", args.configs[0], "--profile", str(Path(args.profile).resolve())])
-    report = {"data": args.data, "model_settings": model_settings, "steps": args.steps, "machine": compare.machine(load_at_start), "runs": runs}
+    report = {"data": args.data, "model_settings": model_settings, "train_settings": train_settings, "steps": args.steps, "machine": compare.machine(load_at_start), "runs": runs}
     if args.baseline_worktree:
         report["speed-up"] = {config: compare.speed_up(trees["baseline"], trees["this"], FIGURES) for config, trees in runs.items()}
 

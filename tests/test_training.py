@@ -31,7 +31,7 @@ from pipeline.scoring import left_pad
 from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
 from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity
-from pipeline.training.trainer import evaluate, ranked_users, sample_split, train
+from pipeline.training.trainer import evaluate, ranked_users, sample_split, set_up, train, train_step
 from tests.toy import excluded_items, full_ranks, make_toy_dataset, ragged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,6 +284,22 @@ def toy_config(root: Path, variant: str = "odmt", backbone: str = "sasrec", **kw
         image_features=str(root / "features/image.parquet"),
         **kw,
     )
+
+
+def test_cpu_bf16_runs_the_training_forward_pass_in_bfloat16(toy):
+    """train.cpu_bf16: a step's item vectors come out of autocast in bfloat16; the weights stay
+    float32 and are updated, the loss is finite, no loss scaler is used."""
+    cfg = toy_config(toy, cpu_bf16=True)
+    env, data, model, optimizer, scaler, autocast, _ = set_up(cfg)
+    assert autocast == torch.bfloat16 and not scaler.is_enabled()
+    assert set_up(toy_config(toy))[5] is None  # the default: float32
+    produced: list[torch.dtype] = []
+    model.items.register_forward_hook(lambda _module, _inputs, out: produced.append(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    _, loss = train_step(model, model, optimizer, scaler, data.train[:8], cfg, env, 1.0, log_popularity(data.train_counts), autocast)
+    assert produced == [torch.bfloat16] and math.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])

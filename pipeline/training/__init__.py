@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW, on all parameters
     clip_norm: float = 5.0  # gradient norm clipping; 0 = off
     amp: bool = True  # float16 mixed precision, used on CUDA only
+    cpu_bf16: bool = False  # on the CPU: the training forward pass under bfloat16 autocast (opt-in, README)
     logq: bool = True  # subtract log p(item) from in-batch logits
     gather_negatives: bool = False  # DDP: candidates from all ranks instead of this rank's batch
     select_metric: Literal["hr@10", "ndcg@10"] = "hr@10"  # fused validation score picking the best epoch

@@ -35,7 +35,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
     log_dir (rank 0). Returns the model with its best-validation weights and the info dict
     stored in model.pt. ``exclude_history`` (evaluate.exclude_history) is the ranking protocol
     of model selection and of the metrics logged, the same one the evaluate stage reports."""
-    env, data, model, optimizer, scaler, use_amp, sources = set_up(cfg, exclude_history)
+    env, data, model, optimizer, scaler, autocast, sources = set_up(cfg, exclude_history)
     params = to_dict(cfg)
     run_dir, log_dir = Path(run_dir), Path(log_dir)
     distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0 and bool(distillation_pairs(model.branches, cfg.distill))
@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + env.rank)
         weight = ramp_weight(epoch, cfg.distill.ramp) if distill else 0.0
         started = time.perf_counter()
-        losses = _train_epoch(net, model, optimizer, scaler, data.train, cfg, env, epoch, weight, log_p, use_amp, progress)
+        losses = _train_epoch(net, model, optimizer, scaler, data.train, cfg, env, epoch, weight, log_p, autocast, progress)
         seconds = time.perf_counter() - started
         valid = evaluate(model, valid_split, cfg.eval_batch_size)
         score = valid["fused"][cfg.select_metric]
@@ -137,7 +137,7 @@ class RunSetup(NamedTuple):
     model: ODMT
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    use_amp: bool
+    autocast: torch.dtype | None  # the training forward pass's autocast type; None = float32
     sources: Sources
 
 
@@ -151,8 +151,16 @@ def set_up(cfg: TrainConfig, exclude_history: ExcludeHistory = "all") -> RunSetu
     sources = find_sources(cfg)
     model = build_model(cfg, data.num_items, sources.used).to(env.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and env.device.type == "cuda"
-    return RunSetup(env, data, model, optimizer, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, sources)
+    autocast = autocast_dtype(cfg, env.device)
+    return RunSetup(env, data, model, optimizer, torch.amp.GradScaler("cuda", enabled=autocast == torch.float16), autocast, sources)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """float16 on CUDA (train.amp, with the loss scaler), bfloat16 on the CPU (train.cpu_bf16:
+    no scaler needed, bfloat16 has float32's range), else None: float32."""
+    if device.type == "cuda":
+        return torch.float16 if cfg.amp else None
+    return torch.bfloat16 if cfg.cpu_bf16 else None
 
 
 def _log_ranked_users(ranked: int, total: int) -> None:
@@ -179,12 +187,12 @@ def _log_plan(cfg: TrainConfig, model: ODMT, sources: Sources, distill: bool) ->
         )
 
 
-def _train_epoch(net, model: ODMT, optimizer, scaler, train: torch.Tensor, cfg: TrainConfig, env, epoch: int, weight: float, log_p, use_amp: bool, progress: Progress) -> dict[str, float]:
+def _train_epoch(net, model: ODMT, optimizer, scaler, train: torch.Tensor, cfg: TrainConfig, env, epoch: int, weight: float, log_p, autocast: torch.dtype | None, progress: Progress) -> dict[str, float]:
     net.train()
     batches = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, env.rank, env.world_size)
     sums: dict[str, float] = defaultdict(float)
     for rows in batches:
-        terms, loss = train_step(net, model, optimizer, scaler, train[rows].to(env.device), cfg, env, weight, log_p, use_amp)
+        terms, loss = train_step(net, model, optimizer, scaler, train[rows].to(env.device), cfg, env, weight, log_p, autocast)
         sums["loss"] += loss
         for name, value in terms.items():
             sums[name] += value
@@ -192,9 +200,10 @@ def _train_epoch(net, model: ODMT, optimizer, scaler, train: torch.Tensor, cfg: 
     return ddp.mean_over_ranks({k: v / len(batches) for k, v in sums.items()}, env)
 
 
-def train_step(net, model: ODMT, optimizer, scaler, slots: torch.Tensor, cfg: TrainConfig, env, weight: float, log_p, use_amp: bool) -> tuple[dict[str, float], float]:
-    """One optimiser step on a batch of training slots; returns its loss terms and total loss."""
-    with torch.autocast(env.device.type, dtype=torch.float16, enabled=use_amp):
+def train_step(net, model: ODMT, optimizer, scaler, slots: torch.Tensor, cfg: TrainConfig, env, weight: float, log_p, autocast: torch.dtype | None) -> tuple[dict[str, float], float]:
+    """One optimiser step on a batch of training slots; returns its loss terms and total loss.
+    The forward pass runs under ``autocast`` (None: float32); the logits are float32 (branch_logits)."""
+    with torch.autocast(env.device.type, dtype=autocast, enabled=autocast is not None):
         states, vectors = net(slots)
     terms = batch_losses(states, vectors, slots, model.branches, cfg, env, log_p, weight)
     loss = sum(v for k, v in terms.items() if k.startswith("ce_")) + weight * sum(v for k, v in terms.items() if k.startswith("kd_"))
