@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from pipeline.config import to_dict
 from pipeline.io import parquet_writer, write_json
-from pipeline.metrics import ExcludeHistory
+from pipeline.metrics import ITEM_BLOCK_SIZE, ExcludeHistory
 from pipeline.models.base import SequentialRecommender
 from pipeline.progress import Progress, log
 
@@ -255,7 +255,7 @@ class TorchFlatIndex:
     device; answers ``search`` as a FAISS flat index does (scores and rows, best first), so
     search_unseen treats both alike. Memory: one (queries x item_block_size) score block."""
 
-    def __init__(self, vectors: np.ndarray, device: torch.device | str, item_block_size: int = 65536):
+    def __init__(self, vectors: np.ndarray, device: torch.device | str, item_block_size: int = ITEM_BLOCK_SIZE):
         self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
         self.ntotal = len(self.vectors)
         self.item_block_size = item_block_size
