@@ -8,6 +8,7 @@ weights on real photos, one the real MiniLM default.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def text_config(model: Path, **changes) -> TextFeaturesConfig:
 def test_text_features_shapes_masks_metadata(tmp_path, tiny_bert):
     items = write_items(tmp_path / "items.parquet", ITEMS)
     out = tmp_path / "text.parquet"
-    summary = extract_text_features(text_config(tiny_bert), items, out)
+    summary = extract_text_features(text_config(tiny_bert), items, out, device=torch.device("cpu"))
     features = load_token_features(out, num_items=len(ITEMS))
 
     assert features.tokens.shape == (len(ITEMS) + 1, 8, 16) and features.tokens.dtype == torch.float16
@@ -136,7 +137,7 @@ def test_text_features_shapes_masks_metadata(tmp_path, tiny_bert):
     assert meta["world_size"] == 1 and meta["device"] == "cpu"
 
     # first token = the encoder's own CLS output for that text
-    encoder = TextEncoder(text_config(tiny_bert))
+    encoder = TextEncoder(text_config(tiny_bert), torch.device("cpu"))
     tokens, _ = encoder.encode(["hello."])  # a batch of one: equal up to rounding
     assert np.allclose(tokens[0, 0].astype(np.float32), features.tokens[3, 0].float().numpy(), rtol=1e-2, atol=1e-4)
 
@@ -263,7 +264,7 @@ def test_vit_tokens_are_cls_then_patches(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "vit.pth"
     torch.save(timm.create_model("test_vit").state_dict(), weights)
-    encoder = ImageEncoder(ImageFeaturesConfig(model="test_vit", weights=str(weights), size=160))
+    encoder = ImageEncoder(ImageFeaturesConfig(model="test_vit", weights=str(weights), size=160), torch.device("cpu"))
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 160, 160, 3), dtype=np.uint8))
     tokens = encoder.encode(pixels)
     assert tokens.shape == (1, 1 + 10 * 10, 64) and (encoder.num_tokens, encoder.dim) == (101, 64)
@@ -286,7 +287,7 @@ def test_efficientnet_lite0_remap_classifies_real_photos():
     """The packaged weights, remapped into timm, name scikit-learn's sample photos correctly."""
     sklearn_datasets = pytest.importorskip("sklearn.datasets")
     photos = Path(sklearn_datasets.__file__).parent / "images"
-    encoder = ImageEncoder(ImageFeaturesConfig(pooled_only=True))
+    encoder = ImageEncoder(ImageFeaturesConfig(pooled_only=True), torch.device("cpu"))
     assert encoder.weights["source"] == "package" and encoder.weights["file"] == "efficientnet-lite0-57934424.pth"
     decoded = [decode_image((photos / name).read_bytes(), 224, "bicubic", 50_000_000)[0] for name in ("flower.jpg", "china.jpg")]
     pixels = torch.tensor(np.stack(decoded))
@@ -429,7 +430,7 @@ def test_image_features_do_not_depend_on_batch_size_or_threads(tmp_path, tiny_cn
     settings = [{"batch_size": 16, "threads": 1}, {"batch_size": 1, "threads": 1}, {"batch_size": 3, "threads": 2},
                 {"batch_size": 4, "threads": 3, "num_workers": 1}]
     for i, setting in enumerate(settings):
-        summary = extract_image_features(replace(config, **setting), images, tmp_path / f"{i}.parquet")
+        summary = extract_image_features(replace(config, **setting), images, tmp_path / f"{i}.parquet", device=torch.device("cpu"))
         assert summary["encoded"] == 10 and set(summary["timings"]) == {"decode_s", "encode_s", "waiting_for_decode_s", "write_s"}
         if i:
             same_features(tmp_path / "0.parquet", tmp_path / f"{i}.parquet", exact=True)
@@ -462,7 +463,7 @@ def test_torchrun_two_cpu_processes_give_the_single_process_file(tmp_path, tiny_
             model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=2, chunk_size=6, num_workers=1
         )
         extract, stage = extract_image_features, "image_features"
-    extract(config, inputs, tmp_path / "single.parquet")
+    extract(config, inputs, tmp_path / "single.parquet", device=torch.device("cpu"))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({stage: {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}}))
     root = Path(__file__).resolve().parents[1]
@@ -470,7 +471,8 @@ def test_torchrun_two_cpu_processes_give_the_single_process_file(tmp_path, tiny_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "stages" / f"{stage}.py"), "--params", str(params), flag, str(inputs),
            "--out", str(tmp_path / "sharded.parquet"), "--cache", str(tmp_path / "cache")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two ranks on a machine with fewer GPUs too
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cpu_only, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 1/2]" in proc.stderr and "reused 0, encoded 9" in proc.stderr
     assert len(list((tmp_path / "cache").glob("part-*.parquet"))) == 3  # window 0 is split over both ranks

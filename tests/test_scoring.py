@@ -305,7 +305,7 @@ def test_two_cpu_ranks_write_the_files_of_one_process(tmp_path):
     score = {"k": 5, "user_block_size": 5, "device": "cpu", "index": {"type": "ivf", "nlist": 4, "nprobe": 1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"score": score, "evaluate": {"exclude_history": "all_but_target"}}))
     stage = [str(ROOT / "stages/score.py"), "--run", run]
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": None}
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": None, "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks, however many GPUs
     project.run([sys.executable, *stage], tmp_path, env)
     single = tmp_path / "data/candidates" / run
     single.rename(tmp_path / "single")

@@ -26,7 +26,7 @@ from pipeline.metrics import blocked_ranks, hit_rate, mrr, ndcg, summarize
 from pipeline.models import odmt
 from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
-from pipeline.training import TrainConfig, build_model, checkpoint, load_trained
+from pipeline.training import TrainConfig, build_model, checkpoint, ddp, load_trained
 from pipeline.scoring import left_pad
 from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
@@ -286,9 +286,10 @@ def toy_config(root: Path, variant: str = "odmt", backbone: str = "sasrec", **kw
     )
 
 
-def test_cpu_bf16_runs_the_training_forward_pass_in_bfloat16(toy):
+def test_cpu_bf16_runs_the_training_forward_pass_in_bfloat16(toy, monkeypatch):
     """train.cpu_bf16: a step's item vectors come out of autocast in bfloat16; the weights stay
     float32 and are updated, the loss is finite, no loss scaler is used."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, on a GPU machine too
     cfg = toy_config(toy, cpu_bf16=True)
     env, data, model, optimizer, scaler, autocast, _ = set_up(cfg)
     assert autocast == torch.bfloat16 and not scaler.is_enabled()
@@ -463,7 +464,8 @@ def test_changed_params_start_afresh(toy, tmp_path):
 
 
 def _ddp_worker(rank: int, ports: tuple[int, int], root: Path, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    # CPU processes (gloo) on a machine with GPUs too; set before anything here asks CUDA
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     for port, gather in zip(ports, (False, True)):  # in-batch negatives per rank, then gathered
         os.environ["MASTER_PORT"] = str(port)  # a fresh process group per run
@@ -479,6 +481,15 @@ def _free_ports(n: int) -> tuple[int, ...]:
     for s in sockets:
         s.close()
     return ports
+
+
+def test_more_ranks_than_gpus_says_what_to_do(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: a message, not CUDA's 'invalid device ordinal'."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 1, but this machine shows 1 GPU.*nproc_per_node.*CUDA_VISIBLE_DEVICES"):
+        ddp.setup()
 
 
 def test_ddp_two_cpu_processes_agree(toy, tmp_path):

@@ -34,6 +34,11 @@ def setup() -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"LOCAL_RANK {local_rank}, but this machine shows {torch.cuda.device_count()} GPU(s): start one process "
+            "per GPU (torchrun --nproc_per_node <GPUs>), or run on the CPU with CUDA_VISIBLE_DEVICES=''"
+        )
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
