@@ -62,13 +62,16 @@ def measure(code: Path, paths: dict[str, str], model_settings: dict, repeats: in
     cfg = load_section(TrainConfig, "train", params) if "train" in load_params(params) else TrainConfig()
     model_config, ignored = compare.with_settings(cfg.model, model_settings)
     cfg = dataclasses.replace(cfg, **paths, model=model_config)
-    _, data, model, *_ = set_up(cfg)
+    _, data, model, *_ = set_up(cfg)  # on this process's GPU when there is one
     model.eval()
+    model_device = next(model.parameters()).device
 
     def seconds(run) -> tuple[float, float]:
-        """Wall and CPU seconds (all threads) of run()."""
+        """Wall and CPU seconds (all threads) of run(), its GPU work included."""
         wall, cpu = time.perf_counter(), time.process_time()
         run()
+        if model_device.type == "cuda":
+            torch.cuda.synchronize()
         return round(time.perf_counter() - wall, 4), round(time.process_time() - cpu, 4)
 
     metrics = evaluate(model, data.valid, cfg.eval_batch_size)  # warm-up, and the numbers compared
@@ -84,6 +87,7 @@ def measure(code: Path, paths: dict[str, str], model_settings: dict, repeats: in
         "model": dataclasses.asdict(cfg.model),
         "model_settings_unknown_here": ignored,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(model_device) if model_device.type == "cuda" else "cpu",
         "item_pass_runs_s": [wall for wall, _ in item_pass],
         "item_pass_cpu_runs_s": [cpu for _, cpu in item_pass],
         "evaluation_runs_s": [wall for wall, _ in evaluation],  # item pass + user pass + rankings

@@ -155,7 +155,7 @@ def measure(name: str, run) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text-items", type=int, default=2000)
+    parser.add_argument("--text-items", type=int, default=2000, help="0: image only (e.g. where MiniLM's package is missing)")
     parser.add_argument("--image-items", type=int, default=256)
     parser.add_argument("--image-px", default="256x384", help="synthetic image size WxH (default 256x384)")
     parser.add_argument("--image-batch-size", type=int, help="default: the config's (4, for a CPU); on a GPU e.g. 256")
@@ -193,7 +193,7 @@ def main() -> None:
         folder = Path(tmp)
         synthetic_items(folder / "items.parquet", args.text_items, rng)
         synthetic_images(folder / "images.parquet", args.image_items, width, height, rng)
-        text = measure("text", lambda: extract_text_features(text_config, folder / "items.parquet", folder / "text.parquet"))
+        text = args.text_items and measure("text", lambda: extract_text_features(text_config, folder / "items.parquet", folder / "text.parquet"))
         image = measure("image", lambda: extract_image_features(image_config, folder / "images.parquet", folder / "img.parquet"))
 
     report = {
@@ -204,11 +204,11 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
         },
-        "text": {**text, "config": asdict(text_config)},
+        "text": {**text, "config": asdict(text_config)} if text else None,
         "image": {**image, "synthetic_image_px": [width, height], "config": asdict(image_config)},
     }
     write_json(report, args.out)
-    for name, result in (("text", text), ("image", image)):
+    for name, result in (("text", text), ("image", image)) if text else (("image", image),):
         shares = time_shares(result["timings_s"], result["encode_seconds"])
         print(
             f"{name:5s}: {result['items_per_s']:7.1f} items/s, peak memory {result['peak_memory_mb']} MB "
