@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--image-batch-size", type=int, help="default: the config's (4, for a CPU); on a GPU e.g. 256")
     parser.add_argument("--image-workers", type=int, help="decoding processes (default: the config's)")
     parser.add_argument("--image-threads", type=int, help="CPU: batches encoded at once (default: the config's, 0 = one per core)")
+    parser.add_argument("--image-chunk-size", type=int, help="items per window (default: the config's; each window starts its decoding workers)")
     parser.add_argument("--catalogue", type=int, help="scale benchmark: sharded and incremental runs on this many items")
     parser.add_argument("--modalities", default="image,text", help="scale benchmark: image, text or both")
     parser.add_argument("--scale-image-size", type=int, default=64, help="scale benchmark: encoder input px (224: 50 tokens)")
@@ -187,7 +188,8 @@ def main() -> None:
     text_config, image_config = TextFeaturesConfig(), ImageFeaturesConfig()
     image_config = replace(image_config, batch_size=args.image_batch_size or image_config.batch_size,
                            num_workers=image_config.num_workers if args.image_workers is None else args.image_workers,
-                           threads=image_config.threads if args.image_threads is None else args.image_threads)
+                           threads=image_config.threads if args.image_threads is None else args.image_threads,
+                           chunk_size=args.image_chunk_size or image_config.chunk_size)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -27,8 +27,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c 'import torch, timm, transformers, faiss; print("torch", torch.__version__, "timm", timm.__version__, "transformers", transformers.__version__, "faiss", faiss.__version__, "faiss GPUs", faiss.get_num_gpus())'
 
 part gpu-tests 150 python -m pytest -q -m gpu tests/test_features.py tests/test_training.py tests/test_scoring.py
-part features 120 python benchmarks/features.py --text-items 0 --image-items 6144 --image-batch-size 256 \
-    --image-workers "$workers" --out "$out/features-gpu.json"
+part features 120 python benchmarks/features.py --text-items 0 --image-items 8192 --image-batch-size 256 \
+    --image-workers "$workers" --image-chunk-size 8192 --out "$out/features-gpu.json"
 part train 120 python benchmarks/train.py --configs default paper --steps 10 --out "$out/train-gpu.json"
 part evaluate 90 python benchmarks/evaluate.py --model width=128 text_tokens=30 image_tokens=50 fast_item_encoder=true \
     --repeats 5 --rounds 1 --out "$out/evaluate-gpu.json"
