@@ -43,7 +43,9 @@ def setup() -> Distributed:
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+        # device_id: NCCL binds this rank to its GPU now, instead of guessing it from the rank at the
+        # first collective (a warning on every run, and a hang where ranks map to GPUs otherwise)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size, device_id=device if cuda else None)
     return Distributed(rank, world_size, local_rank, device)
 
 
