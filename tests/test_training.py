@@ -26,7 +26,7 @@ from pipeline.metrics import blocked_ranks, hit_rate, mrr, ndcg, summarize
 from pipeline.models import odmt
 from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
-from pipeline.training import TrainConfig, build_model, checkpoint, ddp, load_trained
+from pipeline.training import TrainConfig, build_model, checkpoint, ddp, load_trained, trainer
 from pipeline.scoring import left_pad
 from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
@@ -301,6 +301,28 @@ def test_cpu_bf16_runs_the_training_forward_pass_in_bfloat16(toy, monkeypatch):
     assert produced == [torch.bfloat16] and math.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_cpu_bf16_validation_ranks_bfloat16_vectors_each_epoch_and_float32_for_model_pt(toy, tmp_path, monkeypatch):
+    """train.cpu_bf16_validation: each epoch's validation computes the item and user vectors in
+    bfloat16 (the ranking in float32); the final valid/test metrics of model.pt are float32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    asked: list[torch.dtype | None] = []
+
+    def recording(model, split, batch_size, item_block_size=trainer.ITEM_BLOCK_SIZE, autocast=None):
+        asked.append(autocast)
+        return evaluate(model, split, batch_size, item_block_size, autocast)
+
+    monkeypatch.setattr(trainer, "evaluate", recording)
+    model, info = train(toy_config(toy, epochs=2, cpu_bf16_validation=True), tmp_path / "run", tmp_path / "logs")
+    assert asked == [torch.bfloat16, torch.bfloat16, None, None]  # 2 epochs, then model.pt's valid and test
+    data = load_sequences(toy / "ingest/sequences.parquet", toy / "ingest/popularity.parquet", max_len=4)
+    assert info["valid"] == evaluate(model, data.valid, 8)  # float32, whatever the epochs used
+
+    produced: list[torch.dtype] = []
+    model.items.register_forward_hook(lambda _module, _inputs, out: produced.append(out.dtype))
+    approximate = evaluate(model, data.valid, 8, autocast=torch.bfloat16)
+    assert set(produced) == {torch.bfloat16} and approximate.keys() == info["valid"].keys()
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "nextitnet"])

@@ -73,7 +73,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         started = time.perf_counter()
         losses = _train_epoch(net, model, optimizer, scaler, data.train, cfg, env, epoch, weight, log_p, autocast, progress)
         seconds = time.perf_counter() - started
-        valid = evaluate(model, valid_split, cfg.eval_batch_size)
+        valid = evaluate(model, valid_split, cfg.eval_batch_size, autocast=validation_autocast(cfg, env.device))
         score = valid["fused"][cfg.select_metric]
         if score > state["best_score"]:
             best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -161,6 +161,11 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if device.type == "cuda":
         return torch.float16 if cfg.amp else None
     return torch.bfloat16 if cfg.cpu_bf16 else None
+
+
+def validation_autocast(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bfloat16 for each epoch's validation on the CPU under train.cpu_bf16_validation, else None."""
+    return torch.bfloat16 if cfg.cpu_bf16_validation and device.type == "cpu" else None
 
 
 def _log_ranked_users(ranked: int, total: int) -> None:
@@ -257,21 +262,28 @@ def sample_split(split: Split, rows: torch.Tensor | None) -> Split:
 
 
 @torch.no_grad()
-def evaluate(model: ODMT, split: Split, batch_size: int, item_block_size: int = ITEM_BLOCK_SIZE) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: ODMT, split: Split, batch_size: int, item_block_size: int = ITEM_BLOCK_SIZE, autocast: torch.dtype | None = None
+) -> dict[str, dict[str, float]]:
     """HR/NDCG/MRR@10 of the fused score and of each branch, full ranking, the split's excluded
     items left out (the protocol of the evaluate stage). The catalogue goes through the item
     encoder once; user vectors gather their items from that table. Users are ranked batch_size
     at a time against item_block_size items at a time (blocked_ranks), so memory is bounded by
-    their product, never users x items."""
+    their product, never users x items. `autocast`: the item and user passes under autocast to
+    that dtype; the ranking stays float32."""
     model.eval()
     device = next(model.parameters()).device
-    table = model.item_vectors()
+    passes = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+    with passes:
+        table = model.item_vectors()
     items = table.float()
     d = model.branch_dim
     ranks: dict[str, list[torch.Tensor]] = {name: [] for name in ("fused", *model.branches)}
     for start in range(0, len(split.targets), batch_size):
         block = slice(start, start + batch_size)
-        users = model.user_vectors(split.inputs[block].to(device), table).float()
+        with passes:
+            users = model.user_vectors(split.inputs[block].to(device), table)
+        users = users.float()
         targets, excluded = split.targets[block].to(device), split.excluded[block].to(device)
         ranks["fused"].append(blocked_ranks(users, items, targets, excluded, item_block_size).cpu())
         for i, branch in enumerate(model.branches):
