@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
+
 Result = TypeVar("Result")
 
 
@@ -52,6 +54,11 @@ def in_turns(checkouts: dict[str, Path], rounds: int, measure: Callable[[str, Pa
 def taking_turns(script: str, checkouts: dict[str, Path], rounds: int, arguments: Sequence[str]) -> dict[str, list[dict]]:
     """Each tree measured once per round by ``script`` in a fresh process (in_fresh_process)."""
     return in_turns(checkouts, rounds, lambda _, code: in_fresh_process(script, code, arguments))
+
+
+def parse_settings(pairs: Sequence[str]) -> dict:
+    """KEY=VALUE command-line settings (--model, --train) as a dict, each value read as YAML."""
+    return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in pairs)}
 
 
 def with_settings(config, settings: dict) -> tuple[object, list[str]]:

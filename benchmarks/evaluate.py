@@ -31,7 +31,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -132,7 +131,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure.resolve(), json.loads(args.paths), json.loads(args.model_json), json.loads(args.train_json), args.repeats, args.threads)))
         return
-    model_settings, train_settings = ({key: yaml.safe_load(value) for key, value in (s.split("=", 1) for s in given)} for given in (args.model, args.train))
+    model_settings, train_settings = compare.parse_settings(args.model), compare.parse_settings(args.train)
     if args.repeats < 3 or args.rounds < 1:
         parser.error("--repeats must be at least 3 and --rounds at least 1")
 

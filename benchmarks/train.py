@@ -33,7 +33,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -143,7 +142,7 @@ def main() -> None:
         return
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be at least 1")
-    model_settings, train_settings = ({key: yaml.safe_load(value) for key, value in (s.split("=", 1) for s in given)} for given in (args.model, args.train))
+    model_settings, train_settings = compare.parse_settings(args.model), compare.parse_settings(args.train)
 
     load_at_start = os.getloadavg()
     runs = {}
