@@ -115,6 +115,6 @@ def data_paths(kind: str, folder: Path) -> dict[str, str]:
     return {
         "sequences": str(root / "ingest/sequences.parquet"),
         "popularity": str(root / "ingest/popularity.parquet"),
-        "text_features": str(root / "features/text.parquet"),
-        "image_features": str(root / "features/image.parquet"),
+        "text_features": str(root / "features/text"),
+        "image_features": str(root / "features/image"),
     }

@@ -64,7 +64,7 @@ def timed_recommend(encoder, index, histories: Ragged, num_items: int, config: R
 def embedded(cfg: TrainConfig, config: RecommendConfig, tmp: Path, rng: np.random.Generator) -> dict:
     users, items = 943, 1332
     root = make_toy_dataset(tmp / "data", num_users=8, num_items=items, seq_len=4, text_shape=(30, 384), image_shape=(50, 1280))
-    cfg = TrainConfig(model=cfg.model, text_features=str(root / "features/text.parquet"), image_features=str(root / "features/image.parquet"))
+    cfg = TrainConfig(model=cfg.model, text_features=str(root / "features/text"), image_features=str(root / "features/image"))
     model = build_model(cfg, items).eval()
     start = time.perf_counter()
     encoder = user_encoder(model, cfg.model.max_len)
@@ -79,7 +79,7 @@ def embedded(cfg: TrainConfig, config: RecommendConfig, tmp: Path, rng: np.rando
 
 def large(cfg: TrainConfig, config: RecommendConfig, items: int, users: int, tmp: Path, rng: np.random.Generator) -> dict:
     small = make_toy_dataset(tmp / "small", num_users=8, num_items=20, seq_len=4)
-    cfg = TrainConfig(model=cfg.model, text_features=str(small / "features/text.parquet"), image_features=str(small / "features/image.parquet"))
+    cfg = TrainConfig(model=cfg.model, text_features=str(small / "features/text"), image_features=str(small / "features/image"))
     encoder = user_encoder(build_model(cfg, 20).eval(), cfg.model.max_len)
     width = encoder.item_table.shape[1]
     log.info("building %d x %d random item vectors (%.0f MB)", items, width, items * width * 4 / 2**20)

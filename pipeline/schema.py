@@ -55,13 +55,38 @@ POPULARITY = pa.schema(
 )
 
 
-def token_features(num_tokens: int, dim: int) -> pa.Schema:
-    """Frozen encoder output per item: (num_tokens, dim) float16, first token = CLS / pooled."""
+# The feature store (pipeline/features/store.py): a folder of immutable parts, one row per distinct
+# encoder input, and an index of one row per item.
+
+
+def token_columns(num_tokens: int) -> list[str]:
+    """The part columns of the tokens, one per position: t000, t001, ..."""
+    return [f"t{j:03d}" for j in range(num_tokens)]
+
+
+def feature_part(num_tokens: int, dim: int) -> pa.Schema:
+    """Frozen encoder outputs, one row per distinct input. Each token position is a column of
+    fixed-size binary values (dim float16, little-endian), so a reader that keeps k of the T
+    tokens reads k columns, and a writer copies bytes (no repetition levels per float)."""
     return pa.schema(
         [
-            pa.field("item_idx", pa.int32(), nullable=False),
-            pa.field("tokens", pa.list_(pa.float16(), num_tokens * dim), nullable=False),  # row-major
-            pa.field("mask", pa.list_(pa.bool_(), num_tokens), nullable=False),  # True = real token
-            pa.field("present", pa.bool_(), nullable=False),  # False: no/bad input, tokens are zero
+            pa.field("key", pa.binary(32), nullable=False),  # sha256(encoder identity + the exact input)
+            pa.field("outcome", pa.string(), nullable=False),  # how the input was encoded (fits, truncated, ...)
+            pa.field("device", pa.string(), nullable=False),  # cpu | cuda: what computed it
+            pa.field("present", pa.bool_(), nullable=False),  # False: bad input, tokens are zero
+            pa.field("mask", pa.binary(num_tokens), nullable=False),  # one byte per token, 1 = real token
+            *(pa.field(name, pa.binary(2 * dim), nullable=False) for name in token_columns(num_tokens)),
         ]
     )
+
+
+FEATURE_INDEX = pa.schema(
+    [
+        pa.field("item_idx", pa.int32(), nullable=False),  # 1..N in order
+        pa.field("key", pa.binary(32)),  # null: the item has no input (zero tokens, present false)
+        pa.field("part", pa.string()),  # the part file holding the key (null with the key)
+        pa.field("row", pa.int32()),  # its row there
+        pa.field("present", pa.bool_(), nullable=False),
+        pa.field("outcome", pa.string(), nullable=False),
+    ]
+)

@@ -1,9 +1,9 @@
-"""Stage `text_features`: data/ingest/items.parquet -> data/features/text.parquet
+"""Stage `text_features`: data/ingest/items.parquet -> data/features/text/
 (frozen text-encoder tokens per item; params section `text_features`).
 
-Incremental: texts already in the feature cache (--cache) are not encoded again. Sharded when
+Incremental: texts whose entries the store already holds are not encoded again. Sharded when
 started by torchrun (`torchrun --nproc_per_node N stages/text_features.py`): each rank encodes
-its share of the new texts, rank 0 writes the file."""
+its share of the new texts and writes them as parts of the store; rank 0 writes the index."""
 
 from _common import stage_args
 
@@ -14,14 +14,13 @@ from pipeline.training import ddp
 
 def paths(parser):
     parser.add_argument("--items", default="data/ingest/items.parquet")
-    parser.add_argument("--out", default="data/features/text.parquet")
-    parser.add_argument("--cache", default="data/features/cache/text", help="feature cache folder ('' = none)")
+    parser.add_argument("--out", default="data/features/text", help="the feature store folder")
 
 
 args = stage_args(__doc__, paths)
 config = load_section(TextFeaturesConfig, "text_features", args.params)
 env = ddp.setup()  # torchrun: joins the process group (the extraction asks torch.distributed), sets the GPU
 try:
-    extract_text_features(config, args.items, args.out, cache_dir=args.cache or None)
+    extract_text_features(config, args.items, args.out)
 finally:
     ddp.cleanup(env)

@@ -1,4 +1,4 @@
-"""Reading feature files back: only the kept tokens, row group by row group, with the checks."""
+"""The feature store: only the kept tokens read, one column per token, every file checked."""
 
 from __future__ import annotations
 
@@ -8,81 +8,155 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.features import token_rows
 from pipeline.features import store as store_module
-from pipeline.features.store import load_token_features
-from pipeline.io import parquet_writer, write_table
-from pipeline.schema import token_features
+from pipeline.features.store import INDEX, StoreError, load_token_features, present_fraction, write_token_features
+from pipeline.io import write_table
 
 NUM_TOKENS, DIM = 5, 3
 
 
-def write_features(path, item_idx: np.ndarray, row_group: int) -> np.ndarray:
-    """A feature file through the stages' own writer, `row_group` items per row group, in the
-    order of `item_idx`; returns the tokens (len, T, D) written."""
+def write_store(folder, n: int = 23, chunk_size: int = 7, dim: int = DIM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A store of n items in parts of chunk_size; returns the tokens, mask and present written."""
     rng = np.random.default_rng(0)
-    tokens = rng.standard_normal((len(item_idx), NUM_TOKENS, DIM)).astype(np.float16)
-    mask = rng.random((len(item_idx), NUM_TOKENS)) < 0.7
+    tokens = rng.standard_normal((n, NUM_TOKENS, dim)).astype(np.float16)
+    mask = rng.random((n, NUM_TOKENS)) < 0.7
     mask[:, 0] = True
-    present = rng.random(len(item_idx)) < 0.8
-    meta = {"modality": "text", "num_tokens": NUM_TOKENS, "dim": DIM}
-    with parquet_writer(path, token_features(NUM_TOKENS, DIM), meta) as writer:
-        for start in range(0, len(item_idx), row_group):
-            part = slice(start, start + row_group)
-            writer.write_table(token_rows(item_idx[part], tokens[part], mask[part], present[part]))
-    return tokens
+    present = rng.random(n) < 0.8
+    write_token_features(folder, tokens, mask, present, {"modality": "text"}, chunk_size)
+    return tokens, mask, present
 
 
-@pytest.mark.parametrize("order", ["in order", "shuffled"])
-def test_reading_only_the_kept_tokens_equals_slicing_the_full_load(tmp_path, monkeypatch, order):
-    monkeypatch.setattr(store_module, "READ_ROWS", 4)  # reads that straddle the row groups of 7
-    item_idx = np.arange(1, 24, dtype=np.int32)
-    if order == "shuffled":
-        item_idx = np.random.default_rng(1).permutation(item_idx)
-    written = write_features(tmp_path / "f.parquet", item_idx, row_group=7)
-    full = load_token_features(tmp_path / "f.parquet", 23)
-    assert torch.equal(full.tokens[torch.from_numpy(item_idx.astype(np.int64))], torch.from_numpy(written))
+def parts(folder) -> list:
+    return sorted(folder.glob("part-*.parquet"))
+
+
+def test_reading_only_the_kept_tokens_equals_slicing_the_full_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "READ_ROWS", 4)  # batches that straddle the parts of 7
+    tokens, mask, present = write_store(tmp_path / "store")
+    assert len(parts(tmp_path / "store")) == 4
+    full = load_token_features(tmp_path / "store", 23)
+    assert torch.equal(full.tokens[1:], torch.from_numpy(tokens)) and torch.equal(full.mask[1:], torch.from_numpy(mask))
+    assert torch.equal(full.present[1:], torch.from_numpy(present))
     assert not full.tokens[0].any() and full.mask[0].tolist() == [True] + [False] * (NUM_TOKENS - 1) and not full.present[0]
     for keep in (1, 2, NUM_TOKENS, NUM_TOKENS + 3):
-        kept = load_token_features(tmp_path / "f.parquet", 23, max_tokens=keep)
+        kept = load_token_features(tmp_path / "store", 23, max_tokens=keep)
         assert kept.tokens.dtype == torch.float16 and kept.tokens.is_contiguous()
         assert torch.equal(kept.tokens, full.tokens[:, :keep]) and torch.equal(kept.mask, full.mask[:, :keep])
         assert torch.equal(kept.present, full.present)
+    assert present_fraction(tmp_path / "store") == pytest.approx(present.mean())
 
 
-def test_a_file_without_one_row_per_item_is_refused_by_name(tmp_path):
-    write_features(tmp_path / "short.parquet", np.arange(1, 10, dtype=np.int32), row_group=4)
-    with pytest.raises(ValueError, match=r"short\.parquet: expected one row per item 1\.\.10, got 9 rows"):
-        load_token_features(tmp_path / "short.parquet", 10, max_tokens=1)
-    write_features(tmp_path / "twice.parquet", np.array([1, 2, 2, 4], dtype=np.int32), row_group=4)
-    with pytest.raises(ValueError, match=r"twice\.parquet: expected one row per item 1\.\.4"):
-        load_token_features(tmp_path / "twice.parquet", 4)
+def test_items_sharing_an_input_share_one_entry(tmp_path):
+    """Equal inputs have one key: the store holds it once and the index points both items at it."""
+    tokens = np.ones((4, NUM_TOKENS, DIM), dtype=np.float16)
+    tokens[2] = 2
+    mask, present = np.ones((4, NUM_TOKENS), dtype=bool), np.ones(4, dtype=bool)
+    write_token_features(tmp_path / "s", tokens, mask, present, {})
+    assert pq.read_metadata(parts(tmp_path / "s")[0]).num_rows == 4  # write_token_features keeps duplicates apart ...
+    index = pq.read_table(tmp_path / "s" / INDEX)
+    assert len(set(index["key"].to_pylist())) == 2  # ... but the keys say which are equal
+    assert torch.equal(load_token_features(tmp_path / "s").tokens[1:], torch.from_numpy(tokens))
 
 
-def test_dictionary_encoding_only_for_repeating_columns(tmp_path):
-    """Float tokens and image bytes are written plain (a dictionary slowed reading 2.8x); ids,
-    keys and item lists keep it; equal tables still give byte-equal files."""
-    schema = pa.schema([
-        ("item_idx", pa.int32()), ("tokens", pa.list_(pa.float16(), 2)), ("image", pa.binary()),
-        ("key", pa.string()), ("items", pa.list_(pa.int32())),
-    ])
-    table = pa.table({
-        "item_idx": [1, 2], "tokens": pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float16(), 2)),
-        "image": [b"a", b"b"], "key": ["x", "y"], "items": [[1], [2, 1]],
-    }, schema=schema)
-    write_table(table, tmp_path / "a.parquet", schema)
-    write_table(table, tmp_path / "b.parquet", schema)
-    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
-    chunk = pq.ParquetFile(tmp_path / "a.parquet").metadata.row_group(0)
-    dictionary = {chunk.column(i).path_in_schema: "RLE_DICTIONARY" in chunk.column(i).encodings for i in range(chunk.num_columns)}
-    assert dictionary == {"item_idx": True, "tokens.list.element": False, "image": False, "key": True, "items.list.element": True}
+def test_a_reader_keeping_k_tokens_reads_about_k_over_t_of_the_bytes(tmp_path):
+    write_store(tmp_path / "s", n=200, chunk_size=100, dim=128)
+    total = kept = 0
+    for path in parts(tmp_path / "s"):
+        meta = pq.read_metadata(path)
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                column = meta.row_group(g).column(c)
+                total += column.total_compressed_size
+                kept += column.total_compressed_size if column.path_in_schema in ("key", "present", "mask", "t000") else 0
+    assert kept / total < 1.2 / NUM_TOKENS  # 1 of 5 token columns plus the small key, mask and present columns
 
 
-def test_min_max_statistics_only_for_top_level_columns(tmp_path):
-    """Statistics of the values inside a list (every token) skip nothing and cost a quarter of
-    the write; the item numbers keep theirs."""
-    write_features(tmp_path / "f.parquet", np.arange(1, 7), row_group=3)
-    group = pq.ParquetFile(tmp_path / "f.parquet").metadata.row_group(0)
-    stats = {group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(group.num_columns)}
-    assert stats == {"item_idx": True, "tokens.list.element": False, "mask.list.element": False, "present": True}
-    assert load_token_features(tmp_path / "f.parquet").tokens.shape == (7, NUM_TOKENS, DIM)
+def test_token_columns_are_plain_fixed_size_binary_and_uncompressed(tmp_path):
+    """No repetition levels, no dictionary, no statistics and (by default) no codec: a write copies bytes."""
+    write_store(tmp_path / "s")
+    group = pq.read_metadata(parts(tmp_path / "s")[0]).row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    assert [name for name in columns if name.startswith("t")] == [f"t{j:03d}" for j in range(NUM_TOKENS)]
+    for j in range(NUM_TOKENS):
+        column = columns[f"t{j:03d}"]
+        assert column.compression == "UNCOMPRESSED" and not column.is_stats_set
+        assert "RLE_DICTIONARY" not in column.encodings and column.physical_type == "FIXED_LEN_BYTE_ARRAY"
+    assert columns["key"].compression == "ZSTD"
+
+
+def test_equal_stores_are_byte_equal(tmp_path):
+    write_store(tmp_path / "a")
+    write_store(tmp_path / "b")
+    for a, b in zip(parts(tmp_path / "a") + [tmp_path / "a" / INDEX], parts(tmp_path / "b") + [tmp_path / "b" / INDEX]):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
+def test_an_index_without_one_row_per_item_is_refused_by_name(tmp_path):
+    write_store(tmp_path / "s", n=9)
+    with pytest.raises(StoreError, match=r"index\.parquet: expected one row per item 1\.\.10 in order, got 9 rows"):
+        load_token_features(tmp_path / "s", 10, max_tokens=1)
+
+
+def corrupt_index(folder, **columns) -> None:
+    """Rewrite the index with some columns replaced (its metadata kept)."""
+    path = folder / INDEX
+    table = pq.read_table(path)
+    for name, values in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items() if k != b"ARROW:schema"}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def test_a_part_name_from_the_index_is_never_a_path(tmp_path):
+    """The index comes from a remote like any artifact: a name outside the pattern is refused, not opened."""
+    write_store(tmp_path / "s", n=3)
+    (tmp_path / "secret.parquet").write_bytes(b"x")
+    corrupt_index(tmp_path / "s", part=["../secret.parquet"] * 3)
+    with pytest.raises(StoreError, match=r"part name '\.\./secret\.parquet' is not part-<32 hex>\.parquet"):
+        load_token_features(tmp_path / "s")
+
+
+def test_a_missing_part_is_named_with_what_to_do(tmp_path):
+    write_store(tmp_path / "s", n=10, chunk_size=5)
+    gone = parts(tmp_path / "s")[1]
+    gone.unlink()
+    with pytest.raises(StoreError, match=rf"{gone.name}: missing \(named by index\.parquet\); pull the store again"):
+        load_token_features(tmp_path / "s")
+
+
+def test_nan_tokens_are_refused_naming_the_part_and_item(tmp_path):
+    """A feature file with NaN tokens once scored and evaluated silently (26k candidates instead
+    of 47k): the loader checks that the tokens it keeps are finite."""
+    write_store(tmp_path / "s", n=6, chunk_size=6)
+    path = parts(tmp_path / "s")[0]
+    table = pq.read_table(path)
+    values = np.frombuffer(table["t001"].combine_chunks().buffers()[1], dtype="<f2").reshape(6, DIM).copy()
+    values[4, 2] = np.nan
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * DIM), 6, [None, pa.py_buffer(values)])
+    write_table(table.set_column(table.schema.get_field_index("t001"), "t001", column), path, table.schema)
+    assert load_token_features(tmp_path / "s", max_tokens=1).tokens.isfinite().all()  # token 1 not kept: not read
+    with pytest.raises(StoreError, match=rf"{path.name}: item 5 token 1 is NaN or infinite .*rerun the feature stage"):
+        load_token_features(tmp_path / "s", max_tokens=2)
+
+
+def test_keys_that_disagree_with_the_index_are_refused(tmp_path):
+    write_store(tmp_path / "s", n=4)
+    index = pq.read_table(tmp_path / "s" / INDEX)
+    keys = index["key"].to_pylist()
+    corrupt_index(tmp_path / "s", key=[keys[1], keys[0], *keys[2:]])
+    with pytest.raises(StoreError, match="keys differ from index.parquet's"):
+        load_token_features(tmp_path / "s")
+
+
+def test_a_cut_part_or_a_foreign_index_is_named(tmp_path):
+    write_store(tmp_path / "s", n=4)
+    part = parts(tmp_path / "s")[0]
+    part.write_bytes(part.read_bytes()[: len(part.read_bytes()) // 2])
+    with pytest.raises(StoreError, match=rf"{part.name}: not a readable Parquet file"):
+        load_token_features(tmp_path / "s")
+    pq.write_table(pa.table({"item_idx": [1]}), tmp_path / "s" / INDEX)
+    with pytest.raises(StoreError, match=r"index\.parquet: layout None, this code reads 'feature-store/1'"):
+        load_token_features(tmp_path / "s")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no feature store index; run the feature stages first"):
+        load_token_features(tmp_path / "empty")

@@ -31,7 +31,7 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.features import available_cores, plan, time_shares
 from pipeline.features.efficientnet_lite import remap_by_position
 from pipeline.features.image import ImageEncoder, ImageFeaturesConfig, OneDnnConv2d, decode_image, extract_image_features
-from pipeline.features.store import load_token_features
+from pipeline.features.store import INDEX, load_token_features
 from pipeline.features.text import TextEncoder, TextFeaturesConfig, extract_text_features
 from pipeline.io import parquet_writer, read_metadata, write_table
 
@@ -113,13 +113,14 @@ def text_config(model: Path, **changes) -> TextFeaturesConfig:
 
 def test_text_features_shapes_masks_metadata(tmp_path, tiny_bert):
     items = write_items(tmp_path / "items.parquet", ITEMS)
-    out = tmp_path / "text.parquet"
+    out = tmp_path / "text"
     summary = extract_text_features(text_config(tiny_bert), items, out, device=torch.device("cpu"))
     features = load_token_features(out, num_items=len(ITEMS))
 
     assert features.tokens.shape == (len(ITEMS) + 1, 8, 16) and features.tokens.dtype == torch.float16
-    assert pq.read_table(out)["item_idx"].to_pylist() == [1, 2, 3, 4, 5]
-    assert pq.ParquetFile(out).metadata.num_row_groups == 3  # chunk_size 2: written as it goes
+    assert pq.read_table(out / INDEX)["item_idx"].to_pylist() == [1, 2, 3, 4, 5]
+    # chunk_size 2: the 3 distinct texts ("Hello" and "hello" are one input) in parts of 2, written as it goes
+    assert sorted(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == [1, 2]
     assert features.present.tolist() == [False, True, False, True, True, True]
     assert features.mask[1].all() and features.mask[3].sum() == 4  # [CLS] hello . [SEP]
     assert not features.mask[2, 1:].any() and features.mask[2, 0]  # absent: first token only
@@ -127,7 +128,7 @@ def test_text_features_shapes_masks_metadata(tmp_path, tiny_bert):
     assert (features.tokens[3, :4] != 0).any()
     assert torch.equal(features.tokens[3], features.tokens[4])  # lowercase: "Hello" == "hello"
 
-    meta = read_metadata(out)
+    meta = read_metadata(out / INDEX)
     assert meta["modality"] == "text" and meta["num_tokens"] == 8 and meta["dim"] == 16 and meta["dtype"] == "float16"
     assert meta["weights"]["source"] == "path" and meta["weights"]["path"] == str(tiny_bert) and meta["encoder"] == str(tiny_bert)
     assert len(meta["weights"]["sha256"]) == 64  # of the whole model folder: part of the cache key
@@ -144,13 +145,13 @@ def test_text_features_shapes_masks_metadata(tmp_path, tiny_bert):
 
 def test_text_features_deterministic_and_pooled_only(tmp_path, tiny_bert):
     items = write_items(tmp_path / "items.parquet", ITEMS)
-    extract_text_features(text_config(tiny_bert), items, tmp_path / "a.parquet")
-    extract_text_features(text_config(tiny_bert), items, tmp_path / "b.parquet")
-    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    extract_text_features(text_config(tiny_bert), items, tmp_path / "a")
+    extract_text_features(text_config(tiny_bert), items, tmp_path / "b")
+    assert same_files(tmp_path / "a", tmp_path / "b")
 
-    extract_text_features(text_config(tiny_bert, pooled_only=True), items, tmp_path / "pooled.parquet")
-    full, pooled = load_token_features(tmp_path / "a.parquet"), load_token_features(tmp_path / "pooled.parquet")
-    assert pooled.tokens.shape == (len(ITEMS) + 1, 1, 16) and read_metadata(tmp_path / "pooled.parquet")["pooled_only"] is True
+    extract_text_features(text_config(tiny_bert, pooled_only=True), items, tmp_path / "pooled")
+    full, pooled = load_token_features(tmp_path / "a"), load_token_features(tmp_path / "pooled")
+    assert pooled.tokens.shape == (len(ITEMS) + 1, 1, 16) and read_metadata(tmp_path / "pooled" / INDEX)["pooled_only"] is True
     assert torch.equal(pooled.tokens[:, 0], full.tokens[:, 0]) and torch.equal(pooled.present, full.present)
 
 
@@ -164,10 +165,10 @@ def test_rows_out_of_order_are_refused(tmp_path, tiny_bert):
     table = pq.read_table(items)
     write_table(table.take([0, 2, 1]), items, schema.ITEMS)
     with pytest.raises(ValueError, match="row 1 has item_idx 3, expected 2"):
-        extract_text_features(text_config(tiny_bert), items, tmp_path / "text.parquet")
+        extract_text_features(text_config(tiny_bert), items, tmp_path / "text")
 
 
-def test_interrupted_run_leaves_no_output(tmp_path, tiny_bert, monkeypatch):
+def test_an_interrupted_run_leaves_whole_parts_and_no_index_and_the_rerun_resumes(tmp_path, tiny_bert, monkeypatch):
     items = write_items(tmp_path / "items.parquet", ITEMS)
     calls = []
     real_encode = TextEncoder.encode
@@ -175,13 +176,17 @@ def test_interrupted_run_leaves_no_output(tmp_path, tiny_bert, monkeypatch):
     def encode_then_fail(self, texts):
         calls.append(texts)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # after one row group has been written
+            raise KeyboardInterrupt  # after the first window's part has been handed to the writer
         return real_encode(self, texts)
 
     monkeypatch.setattr(TextEncoder, "encode", encode_then_fail)
+    out = tmp_path / "text"
     with pytest.raises(KeyboardInterrupt):
-        extract_text_features(text_config(tiny_bert), items, tmp_path / "out" / "text.parquet")
-    assert list((tmp_path / "out").iterdir()) == []  # neither the file nor a temporary left over
+        extract_text_features(text_config(tiny_bert), items, out)
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 1 and left[0].startswith("part-")  # one whole part: no index, no temporary file
+    monkeypatch.setattr(TextEncoder, "encode", real_encode)
+    assert extract_text_features(text_config(tiny_bert), items, out)["encoded"] == 1  # 3 distinct texts, 2 kept
 
 
 def bad_images() -> dict[str, tuple[bytes | None, str]]:
@@ -198,7 +203,7 @@ def bad_images() -> dict[str, tuple[bytes | None, str]]:
         "16bit": (encode(Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16)), "PNG"), "converted_I;16"),
         "truncated": (jpeg[: len(jpeg) // 2], "unreadable"),
         "garbage": (rng.bytes(500), "unreadable"),
-        "missing": (None, "missing"),
+        "missing": (None, "image_none"),
         "bomb": (encode(Image.new("L", (200, 200)), "PNG"), "too_large"),  # over max_pixels below
         "pil_bomb": (png_header(20_000, 20_000), "too_large"),  # over PIL's own limit
     }
@@ -208,7 +213,7 @@ def test_decode_image_converts_or_flags_every_bad_case():
     for name, (data, expected) in bad_images().items():
         pixels, outcome, _ = decode_image(data, 16, "bicubic", max_pixels=10_000)
         assert outcome == expected, name
-        assert (pixels is None) == (expected in ("missing", "unreadable", "too_large")), name
+        assert (pixels is None) == (expected in ("image_none", "unreadable", "too_large")), name
         if pixels is not None:
             assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8, name
     white_16bit, _, _ = decode_image(bad_images()["16bit"][0], 8, "bicubic", 10_000)
@@ -223,7 +228,7 @@ def test_image_features_with_bad_images(tmp_path, tiny_cnn):
     config = ImageFeaturesConfig(
         model="test_efficientnet", weights=str(tiny_cnn), size=64, max_pixels=10_000, batch_size=3, chunk_size=4, num_workers=2
     )
-    out = tmp_path / "image.parquet"
+    out = tmp_path / "image"
     summary = extract_image_features(config, images, out)
     features = load_token_features(out, num_items=len(cases))
 
@@ -233,9 +238,9 @@ def test_image_features_with_bad_images(tmp_path, tiny_cnn):
     tokens, mask, present = features.tokens[1:], features.mask[1:], features.present[1:]
     assert (tokens[~present] == 0).all() and (tokens[present] != 0).any(dim=(1, 2)).all()
     assert mask[present].all() and mask[~present, 0].all() and not mask[~present, 1:].any()
-    assert pq.ParquetFile(out).metadata.num_row_groups == 3
+    assert len(list(out.glob("part-*.parquet"))) == 3  # chunk_size 4: parts of at most 4 distinct images
 
-    meta = read_metadata(out)
+    meta = read_metadata(out / INDEX)
     expected_counts = {}
     for _, outcome in cases.values():
         expected_counts[outcome] = expected_counts.get(outcome, 0) + 1
@@ -254,7 +259,7 @@ def test_image_features_with_bad_images(tmp_path, tiny_cnn):
     assert np.allclose(alone, features.tokens[1].float().numpy(), rtol=1e-2, atol=1e-5)
     assert torch.allclose(features.tokens[1, 1:].float().mean(0), features.tokens[1, 0].float(), atol=1e-2)
 
-    pooled_out = tmp_path / "pooled.parquet"
+    pooled_out = tmp_path / "pooled"
     extract_image_features(replace(config, pooled_only=True, num_workers=0), images, pooled_out)
     pooled = load_token_features(pooled_out)
     assert pooled.tokens.shape == (len(cases) + 1, 1, 256) and torch.equal(pooled.tokens[:, 0], features.tokens[:, 0])
@@ -309,19 +314,29 @@ def test_minilm_default_loads_offline():
 @pytest.mark.gpu
 def test_cuda_matches_cpu(tmp_path, tiny_bert):
     items = write_items(tmp_path / "items.parquet", ITEMS)
-    extract_text_features(text_config(tiny_bert), items, tmp_path / "cpu.parquet", device=torch.device("cpu"))
-    extract_text_features(text_config(tiny_bert), items, tmp_path / "cuda.parquet", device=torch.device("cuda"))
-    cpu, cuda = load_token_features(tmp_path / "cpu.parquet"), load_token_features(tmp_path / "cuda.parquet")
+    extract_text_features(text_config(tiny_bert), items, tmp_path / "cpu", device=torch.device("cpu"))
+    extract_text_features(text_config(tiny_bert), items, tmp_path / "cuda", device=torch.device("cuda"))
+    cpu, cuda = load_token_features(tmp_path / "cpu"), load_token_features(tmp_path / "cuda")
     assert torch.equal(cpu.mask, cuda.mask) and torch.allclose(cpu.tokens.float(), cuda.tokens.float(), atol=2e-2)
 
 
-# --- incremental (content-keyed cache) and sharded (torchrun) extraction ----------------------
+# --- incremental (content-keyed store) and sharded (torchrun) extraction ----------------------
 
 CATALOGUE = [(f"item {k}", " ".join(WORDS[(k + j) % len(WORDS)] for j in range(k % 7 + 1))) for k in range(12)]
 
 
+def same_files(a: Path, b: Path) -> bool:
+    """Two folders hold files of the same names and bytes."""
+    files = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir()}  # noqa: E731
+    return files(a) == files(b)
+
+
+def part_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("part-*.parquet")}
+
+
 def same_features(a: Path, b: Path, exact: bool) -> None:
-    """Two feature files hold the same rows (bit for bit, or within float16 rounding)."""
+    """Two feature stores hold the same features (bit for bit, or within float16 rounding)."""
     fa, fb = load_token_features(a), load_token_features(b)
     assert torch.equal(fa.mask, fb.mask) and torch.equal(fa.present, fb.present)
     if exact:
@@ -358,45 +373,50 @@ def test_text_batches_are_padded_to_their_longest_text_only(tiny_bert):
     assert np.array_equal(alone_mask[0], mask[1]) and np.allclose(alone[0], tokens[1], rtol=1e-2, atol=1e-3)
 
 
-def test_incremental_rerun_encodes_only_new_and_changed_texts(tmp_path, tiny_bert, caplog):
-    config, cache = text_config(tiny_bert, chunk_size=4), tmp_path / "cache"
-    first = extract_text_features(config, write_items(tmp_path / "v1.parquet", CATALOGUE), tmp_path / "v1.out", cache_dir=cache)
+def test_incremental_rerun_encodes_and_writes_only_new_and_changed_texts(tmp_path, tiny_bert, caplog):
+    config, store = text_config(tiny_bert, chunk_size=4), tmp_path / "store"
+    first = extract_text_features(config, write_items(tmp_path / "v1.parquet", CATALOGUE), store)
     assert first["encoded"] == len(CATALOGUE) and first["reused"] == 0
+    first_parts = {name: (store / name).read_bytes() for name in part_names(store)}
 
     catalogue = list(CATALOGUE)
     catalogue[5] = ("item 5", "a changed description")
     catalogue += [("new one", "space ranger"), ("new two", ""), ("new three", "the dark night")]
     items = write_items(tmp_path / "v2.parquet", catalogue)
     caplog.set_level("INFO", logger="pipeline")
-    second = extract_text_features(config, items, tmp_path / "incremental.out", cache_dir=cache)
+    second = extract_text_features(config, items, store)
     assert second["encoded"] == 4 and second["reused"] == len(CATALOGUE) - 1
     assert "reused 11, encoded 4" in caplog.text
+    # the old parts are untouched (item 5's old entry stays until compaction); one new part holds the 4 new entries
+    new = part_names(store) - set(first_parts)
+    assert all((store / name).read_bytes() == data for name, data in first_parts.items())
+    assert len(new) == 1 and pq.read_metadata(store / new.pop()).num_rows == 4
 
-    scratch = extract_text_features(config, items, tmp_path / "scratch.out")  # no cache: everything encoded
+    scratch = extract_text_features(config, items, tmp_path / "scratch")  # an empty store: everything encoded
     assert scratch["encoded"] == len(catalogue) and second["counts"] == scratch["counts"]
-    same_features(tmp_path / "incremental.out", tmp_path / "scratch.out", exact=False)
-    assert not list(tmp_path.glob(".scratch.out.cache"))  # the temporary cache is gone
+    same_features(store, tmp_path / "scratch", exact=False)
 
-    third = extract_text_features(config, items, tmp_path / "again.out", cache_dir=cache)
-    assert third["encoded"] == 0 and (tmp_path / "again.out").read_bytes() == (tmp_path / "incremental.out").read_bytes()
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    third = extract_text_features(config, items, store)
+    assert third["encoded"] == 0 and {p.name: p.read_bytes() for p in store.iterdir()} == before
 
 
 def test_changing_the_encoder_or_its_preprocessing_invalidates_the_cache(tmp_path, tiny_cnn):
     rng = np.random.default_rng(1)
     blobs = [encode(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "JPEG") for _ in range(5)]
-    images, cache = write_images(tmp_path / "images.parquet", [*blobs, None, b"garbage"]), tmp_path / "cache"
+    images, store = write_images(tmp_path / "images.parquet", [*blobs, None, b"garbage"]), tmp_path / "store"
     config = ImageFeaturesConfig(
         model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=2, chunk_size=4, num_workers=0
     )
-    assert extract_image_features(config, images, tmp_path / "a.parquet", cache_dir=cache)["encoded"] == 6
-    old_parts = set(cache.glob("part-*.parquet"))
-    assert extract_image_features(config, images, tmp_path / "b.parquet", cache_dir=cache)["encoded"] == 0
-    assert read_metadata(tmp_path / "b.parquet")["counts"] == {"missing": 1, "rgb": 5, "unreadable": 1}  # from the cache
+    assert extract_image_features(config, images, store)["encoded"] == 6
+    old_parts = part_names(store)
+    assert extract_image_features(config, images, store)["encoded"] == 0
+    assert read_metadata(store / INDEX)["counts"] == {"image_none": 1, "rgb": 5, "unreadable": 1}  # from the store
 
     for change in ({"mean": (0.4, 0.5, 0.5)}, {"size": 96}, {"interpolation": "bilinear"}):
-        summary = extract_image_features(replace(config, **change), images, tmp_path / "c.parquet", cache_dir=cache)
+        summary = extract_image_features(replace(config, **change), images, store)
         assert summary["encoded"] == 6 and summary["reused"] == 0, change
-        parts = set(cache.glob("part-*.parquet"))
+        parts = part_names(store)
         assert parts and not parts & old_parts, change  # the old encoder's entries are deleted
         old_parts = parts
 
@@ -413,9 +433,9 @@ def test_images_in_many_small_row_groups_give_the_same_features(tmp_path, tiny_c
             writer.write_table(table.slice(start, 3))
     assert pq.ParquetFile(tmp_path / "many.parquet").num_row_groups == 3
     config = ImageFeaturesConfig(model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=2, chunk_size=4, num_workers=0)
-    extract_image_features(config, one, tmp_path / "a.parquet")
-    extract_image_features(config, tmp_path / "many.parquet", tmp_path / "b.parquet")
-    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    extract_image_features(config, one, tmp_path / "a")
+    extract_image_features(config, tmp_path / "many.parquet", tmp_path / "b")
+    assert same_files(tmp_path / "a", tmp_path / "b")
 
 
 def test_image_features_do_not_depend_on_batch_size_or_threads(tmp_path, tiny_cnn):
@@ -430,10 +450,10 @@ def test_image_features_do_not_depend_on_batch_size_or_threads(tmp_path, tiny_cn
     settings = [{"batch_size": 16, "threads": 1}, {"batch_size": 1, "threads": 1}, {"batch_size": 3, "threads": 2},
                 {"batch_size": 4, "threads": 3, "num_workers": 1}]
     for i, setting in enumerate(settings):
-        summary = extract_image_features(replace(config, **setting), images, tmp_path / f"{i}.parquet", device=torch.device("cpu"))
+        summary = extract_image_features(replace(config, **setting), images, tmp_path / str(i), device=torch.device("cpu"))
         assert summary["encoded"] == 10 and set(summary["timings"]) == {"decode_s", "encode_s", "waiting_for_decode_s", "write_s"}
         if i:
-            same_features(tmp_path / "0.parquet", tmp_path / f"{i}.parquet", exact=True)
+            same_features(tmp_path / "0", tmp_path / str(i), exact=True)
     encoder = ImageEncoder(config, torch.device("cpu"))
     convolutions = [m for m in encoder.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convolutions and all(isinstance(m, OneDnnConv2d) for m in convolutions)
@@ -446,10 +466,11 @@ def test_time_shares_split_the_work_and_the_waiting():
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])
-def test_torchrun_two_cpu_processes_give_the_single_process_file(tmp_path, tiny_bert, tiny_cnn, modality, monkeypatch):
-    """`torchrun --nproc_per_node 2` (gloo on CPU) writes the file one process writes: same rows,
-    bit for bit (every batch is the same in both runs, and so is the thread count: CPU kernels
-    may sum in another order with more threads), same metadata but the world size."""
+def test_torchrun_two_cpu_processes_give_the_single_process_store(tmp_path, tiny_bert, tiny_cnn, modality, monkeypatch):
+    """`torchrun --nproc_per_node 2` (gloo on CPU): each rank writes its own parts (no gather on
+    rank 0), and the store holds what one process writes: same features, bit for bit (every
+    batch is the same in both runs, and so is the thread count: CPU kernels may sum in another
+    order with more threads), same metadata but the world size."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for each of its processes
     if modality == "text":
         config = text_config(tiny_bert, chunk_size=6, batch_size=2)
@@ -463,21 +484,21 @@ def test_torchrun_two_cpu_processes_give_the_single_process_file(tmp_path, tiny_
             model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=2, chunk_size=6, num_workers=1
         )
         extract, stage = extract_image_features, "image_features"
-    extract(config, inputs, tmp_path / "single.parquet", device=torch.device("cpu"))
+    extract(config, inputs, tmp_path / "single", device=torch.device("cpu"))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({stage: {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}}))
     root = Path(__file__).resolve().parents[1]
     flag = "--items" if modality == "text" else "--images"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "stages" / f"{stage}.py"), "--params", str(params), flag, str(inputs),
-           "--out", str(tmp_path / "sharded.parquet"), "--cache", str(tmp_path / "cache")]
+           "--out", str(tmp_path / "sharded")]
     cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two ranks on a machine with fewer GPUs too
     proc = subprocess.run(cmd, cwd=tmp_path, env=cpu_only, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 1/2]" in proc.stderr and "reused 0, encoded 9" in proc.stderr
-    assert len(list((tmp_path / "cache").glob("part-*.parquet"))) == 3  # window 0 is split over both ranks
-    same_features(tmp_path / "single.parquet", tmp_path / "sharded.parquet", exact=True)
-    assert read_metadata(tmp_path / "sharded.parquet")["world_size"] == 2
+    assert len(part_names(tmp_path / "single")) == 2 and len(part_names(tmp_path / "sharded")) == 3  # window 0 split over both ranks
+    same_features(tmp_path / "single", tmp_path / "sharded", exact=True)
+    assert read_metadata(tmp_path / "sharded" / INDEX)["world_size"] == 2
 
 
 @pytest.mark.gpu
@@ -488,9 +509,9 @@ def test_cuda_image_path_matches_cpu(tmp_path, tiny_cnn):
     blobs = [encode(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "JPEG") for _ in range(20)]
     images = write_images(tmp_path / "images.parquet", [*blobs, None, b"garbage"])
     config = ImageFeaturesConfig(model="test_efficientnet", weights=str(tiny_cnn), size=64, batch_size=8, num_workers=2)
-    extract_image_features(config, images, tmp_path / "cpu.parquet", device=torch.device("cpu"))
-    summary = extract_image_features(config, images, tmp_path / "cuda.parquet", device=torch.device("cuda"))
-    cpu, cuda = load_token_features(tmp_path / "cpu.parquet"), load_token_features(tmp_path / "cuda.parquet")
+    extract_image_features(config, images, tmp_path / "cpu", device=torch.device("cpu"))
+    summary = extract_image_features(config, images, tmp_path / "cuda", device=torch.device("cuda"))
+    cpu, cuda = load_token_features(tmp_path / "cpu"), load_token_features(tmp_path / "cuda")
     assert torch.equal(cpu.present, cuda.present) and torch.equal(cpu.mask, cuda.mask)
     assert torch.allclose(cpu.tokens.float(), cuda.tokens.float(), rtol=2e-2, atol=2e-2)
     assert cuda.metadata["device"] == "cuda" and summary["timings"]["encode_s"] > 0

@@ -45,9 +45,9 @@ def titles_only(tmp_path_factory, tiny_bert, tiny_cnn) -> Path:  # noqa: F811
     write_titles_only_catalogue(root / "raw")
     raw = read_generic(root / "raw", GenericOptions(text_columns=(), image_column=None))
     write(ingest(raw, SplitRules()), root / "ingest", root / "ingest.json", {})
-    extract_text_features(text_config(tiny_bert), root / "ingest/items.parquet", root / "features/text.parquet")
+    extract_text_features(text_config(tiny_bert), root / "ingest/items.parquet", root / "features/text")
     image_config = ImageFeaturesConfig(model="test_efficientnet", weights=str(tiny_cnn), size=32, num_workers=0)
-    extract_image_features(image_config, root / "ingest/images.parquet", root / "features/image.parquet")
+    extract_image_features(image_config, root / "ingest/images.parquet", root / "features/image")
     return root
 
 
@@ -65,8 +65,8 @@ def test_odmt_on_a_text_only_catalogue_trains_two_branches_and_says_so(titles_on
         batch_size=4,
         sequences=str(titles_only / "ingest/sequences.parquet"),
         popularity=str(titles_only / "ingest/popularity.parquet"),
-        text_features=str(titles_only / "features/text.parquet"),
-        image_features=str(titles_only / "features/image.parquet"),
+        text_features=str(titles_only / "features/text"),
+        image_features=str(titles_only / "features/image"),
     )
     with caplog.at_level(logging.INFO, logger="pipeline"):
         model, info = train(cfg, tmp_path / "models/odmt-s1", tmp_path / "logs/odmt-s1")
@@ -93,7 +93,7 @@ def test_odmt_on_a_text_only_catalogue_trains_two_branches_and_says_so(titles_on
 def test_explicit_modalities_and_the_threshold(titles_only, tmp_path):
     from pipeline.training import find_sources
 
-    base = TrainConfig(text_features=str(titles_only / "features/text.parquet"), image_features=str(titles_only / "features/image.parquet"))
+    base = TrainConfig(text_features=str(titles_only / "features/text"), image_features=str(titles_only / "features/image"))
     assert find_sources(base).used == ("id", "text")
     assert find_sources(replace(base, modalities=["id"])).used == ("id",)
     assert find_sources(replace(base, modality_min_present=0.0)).used == ("id", "text", "image")  # zeros, asked for

@@ -280,8 +280,8 @@ def toy_config(root: Path, variant: str = "odmt", backbone: str = "sasrec", **kw
         distill=DistillConfig(tau=0.5, ramp=2.0),
         sequences=str(root / "ingest/sequences.parquet"),
         popularity=str(root / "ingest/popularity.parquet"),
-        text_features=str(root / "features/text.parquet"),
-        image_features=str(root / "features/image.parquet"),
+        text_features=str(root / "features/text"),
+        image_features=str(root / "features/image"),
         **kw,
     )
 

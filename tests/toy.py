@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import schema
+from pipeline.features.store import write_token_features
 from pipeline.io import write_table
 from pipeline.scoring import Ragged
 
@@ -64,16 +65,8 @@ def make_toy_dataset(
         present = np.ones(num_items, dtype=bool)
         present[-1] = False  # one item without this modality
         tokens[-1] = 0
-        table = pa.table(
-            {
-                "item_idx": np.arange(1, num_items + 1, dtype=np.int32),
-                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel()), num_tokens * dim),
-                "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.ravel()), num_tokens),
-                "present": present,
-            }
-        )
-        meta = {"modality": name, "encoder": "toy-random", "weights": "none", "num_tokens": num_tokens, "dim": dim, "pooled_only": False, "preprocessing": {}}
-        write_table(table, features / f"{name}.parquet", schema.token_features(num_tokens, dim), meta)
+        meta = {"modality": name, "encoder": "toy-random", "weights": "none", "pooled_only": False, "preprocessing": {}}
+        write_token_features(features / name, tokens.reshape(num_items, num_tokens, dim), mask, present, meta)
     return root
 
 

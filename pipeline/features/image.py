@@ -37,7 +37,7 @@ from .efficientnet_lite import load_package_weights
 
 RESAMPLE = {name: getattr(Image.Resampling, name.upper()) for name in ("bicubic", "bilinear", "lanczos", "nearest")}
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-ABSENT = ("missing", "unreadable", "too_large")
+ABSENT = ("image_none", "unreadable", "too_large")
 MAX_LOGGED_PROBLEMS = 20
 # Part of the cache key: bump it when decode_image / to_rgb change what an image decodes to.
 DECODING_VERSION = 1
@@ -59,8 +59,9 @@ class ImageFeaturesConfig:
     # CPU only: batches encoded at once, one core each (0: one per core this process may use, or
     # OMP_NUM_THREADS); on a GPU one batch at a time
     threads: int = 0
-    chunk_size: int = 1024  # items per Parquet row group; bounds memory
+    chunk_size: int = 1024  # items per store part; bounds memory
     num_workers: int = 1  # image-decoding processes per rank (0: decode in the main process)
+    token_compression: Literal["none", "lz4", "zstd"] = "none"  # the store's token columns (store.py)
     launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 8
 
     def validate(self) -> None:
@@ -85,7 +86,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode_image(data: bytes | None, size: int, interpolation: str, max_pixels: int) -> tuple[np.ndarray | None, str, str]:
     """(size x size x 3 uint8 pixels or None, outcome, detail) for one encoded image."""
     if data is None:
-        return None, "missing", ""
+        return None, "image_none", ""
 
     def pixels_of(image: Image.Image) -> tuple[np.ndarray, str]:
         rgb = to_rgb(ImageOps.exif_transpose(image))
@@ -141,7 +142,7 @@ def convolutions_through_onednn(model: torch.nn.Module) -> None:
 class ImageEncoder:
     """A frozen timm model: uint8 pixels (n, H, W, 3) -> tokens (n, num_tokens, dim)."""
 
-    absent = "missing"  # the outcome of an item without image bytes
+    absent = "image_none"  # the outcome of an item without image bytes (as ingest counts it)
 
     def __init__(self, config: ImageFeaturesConfig, device: torch.device | None = None):
         self.config, self.name = config, config.model
@@ -282,14 +283,8 @@ def load_timm_model(name: str, weights: str) -> tuple[torch.nn.Module, dict]:
     return model, {"source": "path", "path": weights, "sha256": sha256(path)}
 
 
-def extract_image_features(
-    config: ImageFeaturesConfig,
-    images_path: str | Path,
-    out_path: str | Path,
-    device: torch.device | None = None,
-    cache_dir: str | Path | None = None,
-) -> dict:
-    """Encode every item of `images_path` (schema IMAGES) into `out_path`, reusing and filling the
-    feature cache at `cache_dir`, sharded over the torchrun ranks if any; returns a summary."""
+def extract_image_features(config: ImageFeaturesConfig, images_path: str | Path, out_dir: str | Path, device: torch.device | None = None) -> dict:
+    """Encode every item of `images_path` (schema IMAGES) into the feature store `out_dir`, reusing
+    the entries of unchanged images, sharded over the torchrun ranks if any; returns a summary."""
     encoder = ImageEncoder(config, device)
-    return extract("image_features", encoder, images_path, ["image"], config, out_path, cache_dir)
+    return extract("image_features", encoder, images_path, ["image"], config, out_dir)

@@ -1,7 +1,30 @@
-"""Reading frozen token features back for training: (N+1, T, D) float16, row 0 = padding."""
+"""The feature store: frozen encoder tokens per item, as a folder that DVC versions part by part.
+
+A store folder (e.g. data/features/image/, a DVC directory output) holds:
+
+- `part-<32 hex>.parquet`: immutable parts of encoder outputs, one row per distinct input
+  (schema `feature_part`): its key, sha256(encoder identity digest + the exact input the encoder
+  saw: the templated text, the image bytes), and its tokens, one fixed-size binary column per
+  token position (t000, t001, ...: `dim` float16 each). A reader that keeps k of the T tokens
+  reads k columns, about k/T of the bytes; a writer copies bytes, with no repetition level per
+  float. A part is named after its keys and written atomically, by whichever rank encoded it.
+- `index.parquet`: one row per item 1..N (schema `FEATURE_INDEX`): its key and where that key is
+  (part, row), present and outcome; its metadata is the provenance (encoder, weights,
+  preprocessing, num_tokens, dim, counts of outcomes, devices, world size).
+
+The parts are also the cache of the extraction: an item whose input and encoder are unchanged
+keeps its entry, so adding 1% of items writes parts for those only, and `dvc push` uploads them
+and the index. Parts whose entries no item uses any more are deleted; parts mostly unused are
+rewritten (`compact`). Everything read here may come from a remote: the index and every part are
+checked (schema, names, rows, keys, finite values) and a failure names the file.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +33,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..io import read_metadata
+from ..io import read_metadata, write_table
+from ..progress import log
+from ..schema import FEATURE_INDEX, feature_part, token_columns
 
-READ_ROWS = 256  # items decoded at a time (the whole of one item's tokens: 151 KB at 30 x 384 + 50 x 1280)
-# Stream the pages through an 8 MB buffer: the default (pre_buffer) holds whole row groups, or
-# more; measured on a 960 MB image file, ~1 GB of Arrow memory against ~0.1 GB this way.
-STREAM = dict(pre_buffer=False, buffer_size=8 << 20)
+INDEX = "index.parquet"
+PART_PATTERN = re.compile(r"part-[0-9a-f]{32}\.parquet")  # nothing else is ever opened (no path from a file)
+LAYOUT = "feature-store/1"  # in the index metadata: the layout this module reads and writes
+COMPRESSIONS = ("none", "lz4", "zstd")  # of the token columns (params: token_compression)
+READ_ROWS = 1024  # rows of a part decoded at a time while loading
+MIN_PARTS = 16  # `compact` merges parts when there are over twice as many as full ones would need, plus this
+CACHED_PARTS = 4  # decoded parts kept while gathering for a rewrite (reads are mostly in order)
+
+
+class StoreError(ValueError):
+    """A store folder that cannot be read as it is: the message names the file and what to rerun."""
 
 
 @dataclass
@@ -30,32 +62,270 @@ class TokenFeatures:
         return self.tokens.shape[0] - 1
 
 
-def load_token_features(path: str | Path, num_items: int | None = None, max_tokens: int | None = None) -> TokenFeatures:
-    """Read a feature file written by the text/image stage: all its tokens, or only the first
-    `max_tokens` of each item (CLS/pooled first), which is all a model keeps.
+def part_rows(
+    keys: list[bytes], outcomes: list[str], devices: list[str], tokens: np.ndarray, mask: np.ndarray, present: np.ndarray
+) -> pa.Table:
+    """Rows of a part: tokens (n, T, D) float16, mask (n, T) bool, present (n,) bool."""
+    n, num_tokens, dim = tokens.shape
+    columns = [
+        pa.array(keys, pa.binary(32)),
+        pa.array(outcomes, pa.string()),
+        pa.array(devices, pa.string()),
+        pa.array(present, pa.bool_()),
+        fixed_binary(mask.astype(np.uint8), num_tokens),
+        # one copy per position into a column: (n, D) contiguous, little-endian like the file
+        *(fixed_binary(np.ascontiguousarray(tokens[:, j], dtype="<f2"), 2 * dim) for j in range(num_tokens)),
+    ]
+    return pa.Table.from_arrays(columns, schema=feature_part(num_tokens, dim))
 
-    The kept tokens go straight from the Parquet values, READ_ROWS items at a time, into one
-    preallocated float16 array: the peak is that array plus a few batches, never the whole
-    file."""
-    meta = read_metadata(path)
-    num_tokens, dim = int(meta["num_tokens"]), int(meta["dim"])
+
+def fixed_binary(values: np.ndarray, width: int) -> pa.FixedSizeBinaryArray:
+    """The rows of a C-contiguous array as fixed-size binary values of `width` bytes (no copy)."""
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(values)])
+
+
+def binary_values(column: pa.ChunkedArray | pa.Array, dtype: str, per_row: int) -> np.ndarray:
+    """The bytes of a fixed-size binary column as an (n, per_row) array of `dtype` (a view where
+    the column is one chunk)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    width = np.dtype(dtype).itemsize * per_row
+    arrays = []
+    for chunk in chunks:
+        data = np.frombuffer(chunk.buffers()[1], dtype=np.uint8)[chunk.offset * width : (chunk.offset + len(chunk)) * width]
+        arrays.append(data.view(dtype).reshape(len(chunk), per_row))
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def identity_digest(identity: dict) -> bytes:
+    """What a key hashes besides the input: the encoder, its weights, preprocessing and shape."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).digest()
+
+
+def content_keys(digest: bytes, contents) -> list[bytes | None]:
+    """The store key of each input; None (no input) stays None."""
+    return [None if c is None else hashlib.sha256(digest + c).digest() for c in contents]
+
+
+class FeatureStore:
+    """The parts in `folder` holding entries of one encoder shape (num_tokens, dim), and its index."""
+
+    def __init__(self, folder: str | Path, num_tokens: int, dim: int, compression: str = "none"):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"token_compression: {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        self.folder, self.shape = Path(folder), (num_tokens, dim)
+        self.compression = {name: compression for name in token_columns(num_tokens)}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parts: list[Path] = []
+        self.index: dict[bytes, tuple[int, int]] = {}  # key -> (part, row)
+        self._tables: OrderedDict[int, pa.Table] = OrderedDict()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)read the keys of every part (parts written by other ranks since appear now)."""
+        self.parts = sorted(p for p in self.folder.iterdir() if PART_PATTERN.fullmatch(p.name))
+        self.index.clear()
+        self._tables.clear()
+        schema = feature_part(*self.shape)
+        for p, path in enumerate(self.parts):
+            part = pq.ParquetFile(path)
+            if not part.schema_arrow.remove_metadata().equals(schema):
+                continue  # another token shape: another encoder, never a hit (compact deletes it)
+            for row, key in enumerate(part.read(columns=["key"])["key"].to_pylist()):
+                self.index.setdefault(key, (p, row))
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.index
+
+    def write_part(self, table: pa.Table, metadata: dict) -> Path:
+        """Write `table` (schema feature_part) as one new part named after its keys, atomically."""
+        name = f"part-{hashlib.sha256(b''.join(table['key'].to_pylist())).hexdigest()[:32]}.parquet"
+        path = self.folder / name
+        write_table(table, path, feature_part(*self.shape), metadata, self.compression)
+        return path
+
+    def entries(self, keys: list[bytes], columns: list[str]) -> pa.Table:
+        """The rows of `keys` (all in the store), in that order, with `columns`."""
+        located = np.array([self.index[key] for key in keys], dtype=np.int64).reshape(-1, 2)
+        pieces, order = [], []
+        for p in np.unique(located[:, 0]):
+            at = np.flatnonzero(located[:, 0] == p)
+            pieces.append(self._table(int(p)).select(columns).take(pa.array(located[at, 1])))
+            order.append(at)
+        if not pieces:
+            return feature_part(*self.shape).empty_table().select(columns)
+        table = pa.concat_tables(pieces)
+        return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+
+    def _table(self, p: int) -> pa.Table:
+        if p in self._tables:
+            self._tables.move_to_end(p)
+            return self._tables[p]
+        table = pq.read_table(self.parts[p])
+        self._tables[p] = table
+        if len(self._tables) > CACHED_PARTS:
+            self._tables.popitem(last=False)
+        return table
+
+    def compact(self, live: list[bytes], chunk_size: int, metadata: dict) -> None:
+        """Delete the parts that hold no entry of `live` (the current catalogue's keys, in its
+        order); then, when over half the entries are still unused or there are too many small
+        parts, rewrite the used entries as parts of `chunk_size` in catalogue order."""
+        live = list(dict.fromkeys(k for k in live if k in self.index))
+        used_parts = {self.index[k][0] for k in live}
+        unused_parts = [path for p, path in enumerate(self.parts) if p not in used_parts]
+        for path in unused_parts:
+            path.unlink()
+        if unused_parts:
+            log.info("feature store %s: deleted %d parts no item uses any more", self.folder, len(unused_parts))
+            self.refresh()
+        unused = len(self.index) - len(live)
+        if unused <= len(live) and len(self.parts) <= 2 * (len(live) // chunk_size + 1) + MIN_PARTS:
+            return
+        log.info("feature store %s: %d entries used, %d unused, %d parts: rewriting",
+                 self.folder, len(live), unused, len(self.parts))
+        kept = [self.write_part(self.entries(live[start : start + chunk_size], feature_part(*self.shape).names), metadata)
+                for start in range(0, len(live), chunk_size)]
+        for path in set(self.parts) - set(kept):
+            path.unlink()
+        self.refresh()
+
+    def write_index(self, keys: list[bytes | None], absent: str, metadata: dict) -> dict:
+        """The index of items 1..N (`keys` in item order; None = no input, outcome `absent`), with
+        the outcome counts and the devices that computed the features in its metadata; returns
+        the counts."""
+        live = [k for k in keys if k is not None]
+        found = self.entries(list(dict.fromkeys(live)), ["key", "outcome", "device", "present"])
+        info = {k: (o, d, p) for k, o, d, p in zip(*(found[c].to_pylist() for c in ("key", "outcome", "device", "present")))}
+        rows = [(None, None, None, False, absent) if k is None else
+                (k, self.parts[self.index[k][0]].name, self.index[k][1], info[k][2], info[k][0]) for k in keys]
+        columns = list(zip(*rows)) if rows else [[]] * 5
+        table = pa.table({"item_idx": np.arange(1, len(keys) + 1, dtype=np.int32),
+                          **{name: list(values) for name, values in zip(("key", "part", "row", "present", "outcome"), columns)}})
+        counts = dict(sorted(Counter(table["outcome"].to_pylist()).items()))
+        devices = "+".join(sorted({info[k][1] for k in live})) or metadata.get("device", "")
+        write_table(table, self.folder / INDEX, FEATURE_INDEX, {**metadata, "layout": LAYOUT, "counts": counts, "device": devices})
+        return counts
+
+
+def write_token_features(folder: str | Path, tokens: np.ndarray, mask: np.ndarray, present: np.ndarray, metadata: dict,
+                         chunk_size: int = 1024) -> None:
+    """A store of items 1..N from whole arrays (N, T, D) float16, (N, T) bool, (N,) bool: for
+    tests, benchmarks and converting features made elsewhere. Each item is keyed by its values."""
+    n, num_tokens, dim = tokens.shape
+    store = FeatureStore(folder, num_tokens, dim)
+    keys = [hashlib.sha256(tokens[i].tobytes() + mask[i].tobytes()).digest() for i in range(n)]
+    for start in range(0, n, chunk_size):
+        window = slice(start, start + chunk_size)
+        chunk = keys[window]
+        outcomes = ["present" if p else "absent" for p in present[window]]
+        store.write_part(part_rows(chunk, outcomes, ["cpu"] * len(chunk), tokens[window], mask[window], present[window]), metadata)
+    store.refresh()
+    store.write_index(keys, "absent", {**metadata, "num_tokens": num_tokens, "dim": dim})
+
+
+def read_index(folder: str | Path) -> tuple[pa.Table, dict]:
+    """The checked index of a store folder and its metadata."""
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no feature store index; run the feature stages first (dvc repro)")
+    try:
+        meta = read_metadata(path)
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise StoreError(f"{path}: not a readable Parquet file ({err}); rerun the feature stage (dvc repro -f)") from None
+    if meta.get("layout") != LAYOUT:
+        raise StoreError(f"{path}: layout {meta.get('layout')!r}, this code reads {LAYOUT!r}; rerun the feature stage")
+    if not table.schema.remove_metadata().equals(FEATURE_INDEX):
+        raise StoreError(f"{path}: schema differs from FEATURE_INDEX (pipeline/schema.py); rerun the feature stage")
+    for key in ("num_tokens", "dim"):
+        if not isinstance(meta.get(key), int) or meta[key] < 1:
+            raise StoreError(f"{path}: metadata {key} is {meta.get(key)!r}, not a positive integer; rerun the feature stage")
+    return table, meta
+
+
+def present_fraction(folder: str | Path) -> float:
+    """Share of items with this source (the index's `present`); 0 without a store."""
+    if not (Path(folder) / INDEX).is_file():
+        return 0.0
+    present = read_index(folder)[0]["present"].to_numpy(zero_copy_only=False)
+    return float(present.mean()) if len(present) else 0.0
+
+
+def load_token_features(folder: str | Path, num_items: int | None = None, max_tokens: int | None = None) -> TokenFeatures:
+    """All the tokens of a store, or only the first `max_tokens` of each item (CLS/pooled first),
+    which is all a model keeps: only those columns are read, part by part, READ_ROWS rows at a
+    time, into one preallocated float16 array (the peak is that array plus one batch)."""
+    folder = Path(folder)
+    index, meta = read_index(folder)
+    num_tokens, dim = meta["num_tokens"], meta["dim"]
     keep = num_tokens if max_tokens is None else min(max_tokens, num_tokens)
-    file = pq.ParquetFile(path, **STREAM)
-    idx = file.read(columns=["item_idx"])["item_idx"].to_numpy()
-    n = num_items if num_items is not None else int(idx.max(initial=0))
-    if len(idx) != n or not np.array_equal(np.sort(idx), np.arange(1, n + 1)):
-        raise ValueError(f"{path}: expected one row per item 1..{n}, got {len(idx)} rows; rerun the feature stage")
+    idx = index["item_idx"].to_numpy()
+    n = num_items if num_items is not None else len(idx)
+    if not np.array_equal(idx, np.arange(1, n + 1)):
+        raise StoreError(f"{folder / INDEX}: expected one row per item 1..{n} in order, got {len(idx)} rows; rerun the feature stage")
     tokens = np.zeros((n + 1, keep, dim), dtype=np.float16)
     mask = np.zeros((n + 1, keep), dtype=bool)
     mask[:, 0] = True
     present = np.zeros(n + 1, dtype=bool)
-    for batch in file.iter_batches(batch_size=READ_ROWS, columns=["item_idx", "tokens", "mask", "present"]):
-        rows = batch.column("item_idx").to_numpy()
-        # flatten() (not .values) honours a slice's offset; the reshape is a view of the batch
-        tokens[rows] = batch.column("tokens").flatten().to_numpy().reshape(len(rows), num_tokens, dim)[:, :keep]
-        mask[rows] = batch.column("mask").flatten().to_numpy(zero_copy_only=False).reshape(len(rows), num_tokens)[:, :keep]
-        present[rows] = batch.column("present").to_numpy(zero_copy_only=False)
+    has_key = index["key"].is_valid().to_numpy(zero_copy_only=False)
+    parts = np.array(index["part"].fill_null("").to_pylist(), dtype=object)
+    rows = index["row"].fill_null(-1).to_numpy()
+    keys = index["key"].to_pylist()
+    columns = ["key", "present", "mask", *token_columns(num_tokens)[:keep]]
+    for name in sorted(set(parts[has_key])):
+        items = np.flatnonzero((parts == name) & has_key)  # 0-based: item items[i] + 1
+        part = _open_part(folder, name, num_tokens, dim)
+        wanted = rows[items]
+        if wanted.min() < 0 or wanted.max() >= part.metadata.num_rows:
+            raise StoreError(f"{folder / INDEX}: rows of {name} out of range (it has {part.metadata.num_rows}); rerun the feature stage")
+        order = np.argsort(wanted, kind="stable")
+        items, wanted = items[order], wanted[order]
+        try:
+            start = 0
+            for batch in part.iter_batches(batch_size=READ_ROWS, columns=columns):
+                end = start + batch.num_rows
+                hit = slice(np.searchsorted(wanted, start), np.searchsorted(wanted, end))
+                start = end
+                if hit.start < hit.stop:
+                    _scatter(batch, items[hit] + 1, wanted[hit] - (end - batch.num_rows), keys, (num_tokens, keep, dim),
+                             tokens, mask, present)
+        except (pa.ArrowException, OSError) as err:
+            raise StoreError(f"{folder / name}: unreadable ({err}); rerun the feature stage (dvc repro -f)") from None
+        except StoreError as err:
+            raise StoreError(f"{folder / name}: {err}; rerun the feature stage (dvc repro -f text_features / image_features)") from None
     # Arrow's allocator (mimalloc) keeps the pages of the decoded batches for reuse: hand them back,
-    # or the training process holds ~1.5x the image features' size more for its whole run.
+    # or the training process holds them for its whole run.
     pa.default_memory_pool().release_unused()
     return TokenFeatures(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(present), meta)
+
+
+def _scatter(batch: pa.RecordBatch, items: np.ndarray, rows: np.ndarray, keys: list, shape: tuple[int, int, int],
+             tokens: np.ndarray, mask: np.ndarray, present: np.ndarray) -> None:
+    """Copy `rows` of a part's batch into the arrays at `items` (1-based), checking keys and
+    values; shape: (tokens in the part, tokens kept, dim)."""
+    num_tokens, keep, dim = shape
+    if batch.column("key").take(pa.array(rows)).to_pylist() != [keys[i - 1] for i in items]:
+        raise StoreError(f"keys differ from {INDEX}'s (the store is inconsistent)")
+    for j in range(keep):
+        values = binary_values(batch.column(f"t{j:03d}"), "<f2", dim)[rows]
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            raise StoreError(f"item {int(items[np.flatnonzero(~finite)[0]])} token {j} is NaN or infinite (corrupt features)")
+        tokens[items, j] = values
+    mask[items] = binary_values(batch.column("mask"), "u1", num_tokens)[rows, :keep] != 0
+    present[items] = batch.column("present").to_numpy(zero_copy_only=False)[rows]
+
+
+def _open_part(folder: Path, name: str, num_tokens: int, dim: int) -> pq.ParquetFile:
+    path = folder / name
+    if not PART_PATTERN.fullmatch(name):
+        raise StoreError(f"{folder / INDEX}: part name {name!r} is not part-<32 hex>.parquet; the index is corrupt: rerun the feature stage")
+    if not path.is_file():
+        raise StoreError(f"{path}: missing (named by {INDEX}); pull the store again (dvc pull) or rerun the feature stage")
+    try:
+        part = pq.ParquetFile(path, pre_buffer=False, memory_map=True)
+    except (pa.ArrowException, OSError) as err:
+        raise StoreError(f"{path}: not a readable Parquet file ({err}); rerun the feature stage (dvc repro -f)") from None
+    if not part.schema_arrow.remove_metadata().equals(feature_part(num_tokens, dim)):
+        raise StoreError(f"{path}: schema differs from feature_part({num_tokens}, {dim}) (pipeline/schema.py); rerun the feature stage")
+    return part

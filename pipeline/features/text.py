@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,7 @@ class TextFeaturesConfig:
     pooled_only: bool = False  # keep only the first (CLS) token: one vector per item
     batch_size: int = 64
     chunk_size: int = 2048  # items per Parquet row group; bounds memory; texts are sorted by length within it
+    token_compression: Literal["none", "lz4", "zstd"] = "none"  # the store's token columns (store.py)
     launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 8
 
     def validate(self) -> None:
@@ -185,14 +187,8 @@ def text_outcomes(tokenizer, ids: list[list[int]], max_tokens: int) -> list[str]
     return outcomes
 
 
-def extract_text_features(
-    config: TextFeaturesConfig,
-    items_path: str | Path,
-    out_path: str | Path,
-    device: torch.device | None = None,
-    cache_dir: str | Path | None = None,
-) -> dict:
-    """Encode every item of `items_path` (schema ITEMS) into `out_path`, reusing and filling the
-    feature cache at `cache_dir`, sharded over the torchrun ranks if any; returns a summary."""
+def extract_text_features(config: TextFeaturesConfig, items_path: str | Path, out_dir: str | Path, device: torch.device | None = None) -> dict:
+    """Encode every item of `items_path` (schema ITEMS) into the feature store `out_dir`, reusing
+    the entries of unchanged texts, sharded over the torchrun ranks if any; returns a summary."""
     encoder = TextEncoder(config, device)
-    return extract("text_features", encoder, items_path, ["title", "text"], config, out_path, cache_dir)
+    return extract("text_features", encoder, items_path, ["title", "text"], config, out_dir)

@@ -14,16 +14,24 @@ Frozen features live in non-persistent float16 buffers: they are not saved with 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
-from ..features.store import TokenFeatures
 from .imt import IDAwareMultimodalTransformer
 from .layers import mlp
 
 IdInit = Literal["mean_cls", "text_cls", "image_cls", "random"]
+
+
+class ItemTokens(Protocol):
+    """Frozen token features of items 0..N, row 0 the padding: what the models read (the feature
+    store's `load_token_features` gives one; so may anything else with these tensors)."""
+
+    tokens: torch.Tensor  # (N+1, T, D) float16, CLS/pooled first; absent items zero
+    mask: torch.Tensor  # (N+1, T) bool, True = real token; token 0 always True
+    present: torch.Tensor  # (N+1,) bool, False for padding and items without this source
 
 
 class ItemSources(nn.Module):
@@ -32,8 +40,8 @@ class ItemSources(nn.Module):
         num_items: int,
         width: int,
         use_id: bool,
-        text: TokenFeatures | None,
-        image: TokenFeatures | None,
+        text: ItemTokens | None,
+        image: ItemTokens | None,
         text_tokens: int,
         image_tokens: int,
         id_projection: bool = True,
@@ -49,11 +57,11 @@ class ItemSources(nn.Module):
         self.text_proj = self._add_features("text", text, text_tokens, width)
         self.image_proj = self._add_features("image", image, image_tokens, width)
 
-    def _add_features(self, name: str, features: TokenFeatures | None, max_tokens: int, width: int) -> nn.Linear | None:
+    def _add_features(self, name: str, features: ItemTokens | None, max_tokens: int, width: int) -> nn.Linear | None:
         if features is None:
             return None
-        if features.num_items != self.num_items:
-            raise ValueError(f"{name} features cover {features.num_items} items, the sequences {self.num_items}; rerun the feature stage")
+        if len(features.tokens) - 1 != self.num_items:
+            raise ValueError(f"{name} features cover {len(features.tokens) - 1} items, the sequences {self.num_items}; rerun the feature stage")
         keep = min(max_tokens, features.tokens.shape[1])  # the first tokens: CLS/pooled first
         # No copy when the features hold only the kept tokens (build_model reads no more)
         self.register_buffer(f"{name}_tokens", features.tokens[:, :keep].contiguous(), persistent=False)
@@ -85,7 +93,7 @@ class ItemSources(nn.Module):
 
 
 def initial_id_table(
-    how: IdInit, width: int, text: TokenFeatures | None, image: TokenFeatures | None, like: torch.Tensor, rescale: bool = False
+    how: IdInit, width: int, text: ItemTokens | None, image: ItemTokens | None, like: torch.Tensor, rescale: bool = False
 ) -> torch.Tensor | None:
     """ID embedding initialisation from the items' CLS (first-token) features, or None for
     "random" (keep `like`, the model's random initialisation).

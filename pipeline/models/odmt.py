@@ -27,10 +27,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..features.store import TokenFeatures
 from .backbones import build_backbone
 from .base import SequentialRecommender
-from .items import EarlyFusionItems, IdInit, IMTItems, ItemSources, LateFusionItems, initial_id_table
+from .items import EarlyFusionItems, IdInit, IMTItems, ItemSources, ItemTokens, LateFusionItems, initial_id_table
 from .layers import init_weights
 
 VariantName = Literal[
@@ -136,8 +135,8 @@ class ODMT(SequentialRecommender):
         self,
         cfg: ModelConfig,
         num_items: int,
-        text: TokenFeatures | None = None,
-        image: TokenFeatures | None = None,
+        text: ItemTokens | None = None,
+        image: ItemTokens | None = None,
         sources: tuple[str, ...] = THREE,
         content_init: bool = True,
     ):

@@ -10,10 +10,10 @@ from typing import Any, Literal
 import torch
 
 from ..config import from_dict
+from ..features.store import load_token_features, present_fraction
 from ..models.odmt import ODMT, THREE, VARIANTS, ModelConfig
 from ..progress import log
 from . import checkpoint
-from .data import load_features, present_fraction
 from .distillation import DistillConfig
 
 Source = Literal["id", "text", "image"]
@@ -49,8 +49,8 @@ class TrainConfig:
     valid_users: int | None = None
     sequences: str = "data/ingest/sequences.parquet"
     popularity: str = "data/ingest/popularity.parquet"
-    text_features: str = "data/features/text.parquet"
-    image_features: str = "data/features/image.parquet"
+    text_features: str = "data/features/text"  # feature store folders
+    image_features: str = "data/features/image"
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -110,8 +110,8 @@ def build_model(cfg: TrainConfig, num_items: int, sources: tuple[str, ...] | Non
     if sources is None:
         sources = find_sources(cfg).used
     reads = VARIANTS[cfg.model.variant].sources & set(sources)
-    text = load_features(cfg.text_features, num_items, cfg.model.text_tokens) if "text" in reads else None
-    image = load_features(cfg.image_features, num_items, cfg.model.image_tokens) if "image" in reads else None
+    text = load_token_features(cfg.text_features, num_items, cfg.model.text_tokens) if "text" in reads else None
+    image = load_token_features(cfg.image_features, num_items, cfg.model.image_tokens) if "image" in reads else None
     return ODMT(cfg.model, num_items, text, image, tuple(sources), content_init)
 
 

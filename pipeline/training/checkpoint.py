@@ -65,12 +65,14 @@ def save(obj: dict[str, Any], path: Path) -> None:
 
 
 def input_digests(paths: list[str | Path]) -> dict[str, str]:
-    """MD5 of each existing input file (the same digest DVC records in dvc.lock)."""
+    """MD5 of each existing input file (the same digest DVC records in dvc.lock); of a feature
+    store folder, its index's (which names every part and key)."""
     digests = {}
     for path in map(Path, paths):
-        if path.exists():
+        file = path / "index.parquet" if path.is_dir() else path
+        if file.is_file():
             md5 = hashlib.md5()
-            with path.open("rb") as f:
+            with file.open("rb") as f:
                 while chunk := f.read(1 << 20):
                     md5.update(chunk)
             digests[str(path)] = md5.hexdigest()

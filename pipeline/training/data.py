@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..features.store import TokenFeatures, load_token_features
 from ..metrics import ExcludeHistory
 from ..scoring import Ragged, SplitUsers, left_pad, split_users
 
@@ -63,21 +62,6 @@ def _ranking_split(users: SplitUsers, max_len: int) -> Split:
         torch.from_numpy(users.targets.astype(np.int64)),
         left_pad(users.excluded, int(users.excluded.lengths().max(initial=0))),
     )
-
-
-def present_fraction(path: str | Path) -> float:
-    """Share of items with this source (the feature file's `present` column); 0 without a file."""
-    if not Path(path).exists():
-        return 0.0
-    present = pq.read_table(path, columns=["present"]).column("present").to_numpy(zero_copy_only=False)
-    return float(present.mean()) if len(present) else 0.0
-
-
-def load_features(path: str | Path, num_items: int, max_tokens: int | None = None) -> TokenFeatures:
-    """The feature file's first ``max_tokens`` tokens per item (all when None)."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: feature file not found; run the feature stages first (dvc repro)")
-    return load_token_features(path, num_items, max_tokens)
 
 
 def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
