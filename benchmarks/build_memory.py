@@ -1,11 +1,11 @@
-"""Peak memory of building the default model on a large catalogue's feature files.
+"""Peak memory of building the default model on a large catalogue's feature stores.
 
     python benchmarks/build_memory.py [--items 8000] [--repeats 3] [--code PATH ...] [--dir DIR]
                                       [--out benchmarks/results/build_memory.json]
 
-Writes (or reuses, in --dir) synthetic text and image feature files of --items items with the
-feature stages' own writer at the default token shapes (text 30 x 384, image 50 x 1280 float16:
-151 KB per item; row groups of the stages' default chunk sizes), then builds the model of the
+Writes (or reuses, in --dir) synthetic text and image feature stores of --items items with the
+store's own writer at the default token shapes (text 30 x 384, image 50 x 1280 float16:
+151 KB per item; parts of the stages' default chunk sizes), then builds the model of the
 `train` section of params.yaml (`build_model`: feature loading and the ID initialisation) in a
 fresh process per build, under the code of each --code checkout (default: this one; name
 another checkout, e.g. the main branch's, to compare side by side). Reports the median peak RSS
@@ -29,11 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.features import token_rows  # noqa: E402
-from pipeline.io import parquet_writer, write_json  # noqa: E402
-from pipeline.schema import token_features  # noqa: E402
+from pipeline.features.store import write_token_features  # noqa: E402
+from pipeline.io import write_json  # noqa: E402
 
-SHAPES = {"text": (30, 384, 2048), "image": (50, 1280, 1024)}  # tokens, dim, row group (params.yaml chunk_size)
+SHAPES = {"text": (30, 384, 2048), "image": (50, 1280, 1024)}  # tokens, dim, part size (params.yaml chunk_size)
 
 # Run in a fresh interpreter under the checkout given as argv[1]: the build's own peak RSS.
 BUILD = """
@@ -50,20 +49,17 @@ print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": resou
 
 
 def write_features(folder: Path, items: int) -> dict[str, Path]:
-    """Random float16 features of `items` items per modality, written chunk by chunk."""
+    """Feature stores of random float16 features of `items` items per modality, written part by part."""
     paths = {}
     for name, (num_tokens, dim, chunk) in SHAPES.items():
-        path = paths[name] = folder / f"{name}-{items}.parquet"
-        if path.exists():
+        path = paths[name] = folder / f"{name}-{items}"
+        if (path / "index.parquet").exists():
             continue
         rng = np.random.default_rng(0)
-        meta = {"modality": name, "encoder": "synthetic", "num_tokens": num_tokens, "dim": dim, "pooled_only": False}
-        with parquet_writer(path, token_features(num_tokens, dim), meta) as writer:
-            for start in range(1, items + 1, chunk):
-                n = min(chunk, items + 1 - start)
-                tokens = rng.standard_normal((n, num_tokens, dim), dtype=np.float32).astype(np.float16)
-                mask = np.ones((n, num_tokens), dtype=bool)
-                writer.write_table(token_rows(np.arange(start, start + n, dtype=np.int32), tokens, mask, np.ones(n, dtype=bool)))
+        meta = {"modality": name, "encoder": "synthetic", "pooled_only": False}
+        sizes = [min(chunk, items - start) for start in range(0, items, chunk)]
+        write_token_features(path, ((rng.standard_normal((n, num_tokens, dim), dtype=np.float32).astype(np.float16),
+                                     np.ones((n, num_tokens), dtype=bool), np.ones(n, dtype=bool)) for n in sizes), meta)
     return paths
 
 
@@ -85,7 +81,7 @@ def main() -> None:
             for code in args.code:
                 command = [sys.executable, "-c", BUILD, code, args.params, str(paths["text"]), str(paths["image"]), str(args.items)]
                 runs[code].append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
-        feature_bytes = {name: path.stat().st_size for name, path in paths.items()}
+        feature_bytes = {name: sum(f.stat().st_size for f in path.iterdir()) for name, path in paths.items()}
     results = {
         code: {key: statistics.median(r[key] for r in rs) for key in ("peak_rss_mb", "seconds")} | {"runs": rs} for code, rs in runs.items()
     }

@@ -22,7 +22,8 @@ def write_store(folder, n: int = 23, chunk_size: int = 7, dim: int = DIM) -> tup
     mask = rng.random((n, NUM_TOKENS)) < 0.7
     mask[:, 0] = True
     present = rng.random(n) < 0.8
-    write_token_features(folder, tokens, mask, present, {"modality": "text"}, chunk_size)
+    chunks = [(tokens[i : i + chunk_size], mask[i : i + chunk_size], present[i : i + chunk_size]) for i in range(0, n, chunk_size)]
+    write_token_features(folder, chunks, {"modality": "text"})
     return tokens, mask, present
 
 
@@ -51,7 +52,7 @@ def test_items_sharing_an_input_share_one_entry(tmp_path):
     tokens = np.ones((4, NUM_TOKENS, DIM), dtype=np.float16)
     tokens[2] = 2
     mask, present = np.ones((4, NUM_TOKENS), dtype=bool), np.ones(4, dtype=bool)
-    write_token_features(tmp_path / "s", tokens, mask, present, {})
+    write_token_features(tmp_path / "s", [(tokens, mask, present)], {})
     assert pq.read_metadata(parts(tmp_path / "s")[0]).num_rows == 4  # write_token_features keeps duplicates apart ...
     index = pq.read_table(tmp_path / "s" / INDEX)
     assert len(set(index["key"].to_pylist())) == 2  # ... but the keys say which are equal

@@ -66,7 +66,7 @@ def make_toy_dataset(
         present[-1] = False  # one item without this modality
         tokens[-1] = 0
         meta = {"modality": name, "encoder": "toy-random", "weights": "none", "pooled_only": False, "preprocessing": {}}
-        write_token_features(features / name, tokens.reshape(num_items, num_tokens, dim), mask, present, meta)
+        write_token_features(features / name, [(tokens.reshape(num_items, num_tokens, dim), mask, present)], meta)
     return root
 
 

@@ -149,16 +149,18 @@ def extract_into(what, encoder, input_path, columns, config, keys, store: Featur
     mine = sum(min(len(w), b.stop * config.batch_size) - b.start * config.batch_size for w, (_, b) in zip(windows, shares))
     progress = Progress(tag, total=mine)
 
-    def write_part(table: pa.Table) -> float:
+    def write_part(encoded: list[tuple]) -> float:
+        """One part from a window's batches: laid out by token position, then written (in a
+        writer thread, so that the copies and the write overlap the next window's encoding)."""
         start = time.perf_counter()
-        store.write_part(table, encoder.metadata())
+        store.write_part(pa.concat_tables([part_rows(*batch) for batch in encoded]), encoder.metadata())
         return time.perf_counter() - start
 
     write_s = 0.0
-    # Parts are compressed and written in threads while the next window is encoded (Arrow
-    # releases the GIL). On a GPU a window of 1024 x 50 x 1280 tokens takes ~10x longer to write
-    # than to encode (H200, EfficientNet-Lite0), so several are written at once; on a CPU the
-    # encoder is the slow part and one writer keeps up.
+    # Parts are laid out and written in threads while the next window is encoded (numpy and
+    # Arrow release the GIL). On a GPU the encoder outpaces one writer (an H200 encodes ~14,000
+    # EfficientNet-Lite0 images/s), so several write at once; on a CPU the encoder is the slow
+    # part and one writer keeps up.
     writers = 1 if encoder.device.type == "cpu" else GPU_WRITERS
     with ThreadPoolExecutor(writers) as writer:
         written = []
@@ -171,11 +173,11 @@ def extract_into(what, encoder, input_path, columns, config, keys, store: Featur
             encoded = []  # this rank's batches of the window, written as one part
             for index, tokens, mask, present, outcomes in batches:
                 batch_keys = [keys[window[i]] for i in index]
-                encoded.append(part_rows(batch_keys, outcomes, [encoder.device.type] * len(index), tokens, mask, present))
+                encoded.append((batch_keys, outcomes, [encoder.device.type] * len(index), tokens, mask, present))
                 progress.update(len(index))
             if len(written) == writers + 1:
                 write_s += written.pop(0).result()  # at most writers + 1 windows wait; a failed write raises here
-            written.append(writer.submit(write_part, pa.concat_tables(encoded)))
+            written.append(writer.submit(write_part, encoded))
         write_s += sum(w.result() for w in written)
     seconds = time.perf_counter() - progress.start
     rate = progress.close()

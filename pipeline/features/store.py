@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,21 +68,25 @@ def part_rows(
 ) -> pa.Table:
     """Rows of a part: tokens (n, T, D) float16, mask (n, T) bool, present (n,) bool."""
     n, num_tokens, dim = tokens.shape
+    # One copy, position-major, into memory from Arrow's pool (reused from part to part: fresh
+    # pages for every part cost more than the copy): each token column is then a slice of it.
+    by_position = pa.allocate_buffer(tokens.size * 2)
+    np.copyto(np.frombuffer(by_position, dtype="<f2").reshape(num_tokens, n, dim), tokens.transpose(1, 0, 2))
+    width = 2 * dim
     columns = [
         pa.array(keys, pa.binary(32)),
         pa.array(outcomes, pa.string()),
         pa.array(devices, pa.string()),
         pa.array(present, pa.bool_()),
-        fixed_binary(mask.astype(np.uint8), num_tokens),
-        # one copy per position into a column: (n, D) contiguous, little-endian like the file
-        *(fixed_binary(np.ascontiguousarray(tokens[:, j], dtype="<f2"), 2 * dim) for j in range(num_tokens)),
+        fixed_binary(pa.py_buffer(np.ascontiguousarray(mask, dtype=np.uint8)), n, num_tokens),
+        *(fixed_binary(by_position.slice(j * n * width, n * width), n, width) for j in range(num_tokens)),
     ]
     return pa.Table.from_arrays(columns, schema=feature_part(num_tokens, dim))
 
 
-def fixed_binary(values: np.ndarray, width: int) -> pa.FixedSizeBinaryArray:
-    """The rows of a C-contiguous array as fixed-size binary values of `width` bytes (no copy)."""
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(values)])
+def fixed_binary(values: pa.Buffer, n: int, width: int) -> pa.FixedSizeBinaryArray:
+    """n fixed-size binary values of `width` bytes each, laid end to end in `values` (no copy)."""
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, values])
 
 
 def binary_values(column: pa.ChunkedArray | pa.Array, dtype: str, per_row: int) -> np.ndarray:
@@ -117,20 +122,24 @@ class FeatureStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.parts: list[Path] = []
         self.index: dict[bytes, tuple[int, int]] = {}  # key -> (part, row)
+        self.about: dict[int, pa.Table] = {}  # part -> its outcome, device and present columns
         self._tables: OrderedDict[int, pa.Table] = OrderedDict()
         self.refresh()
 
     def refresh(self) -> None:
-        """(Re)read the keys of every part (parts written by other ranks since appear now)."""
+        """(Re)read the small columns of every part (parts written by other ranks since appear now)."""
         self.parts = sorted(p for p in self.folder.iterdir() if PART_PATTERN.fullmatch(p.name))
         self.index.clear()
+        self.about.clear()
         self._tables.clear()
         schema = feature_part(*self.shape)
         for p, path in enumerate(self.parts):
             part = pq.ParquetFile(path)
             if not part.schema_arrow.remove_metadata().equals(schema):
                 continue  # another token shape: another encoder, never a hit (compact deletes it)
-            for row, key in enumerate(part.read(columns=["key"])["key"].to_pylist()):
+            small = part.read(columns=["key", "outcome", "device", "present"])
+            self.about[p] = small.select(["outcome", "device", "present"])
+            for row, key in enumerate(small["key"].to_pylist()):
                 self.index.setdefault(key, (p, row))
 
     def __contains__(self, key: bytes) -> bool:
@@ -193,34 +202,35 @@ class FeatureStore:
         """The index of items 1..N (`keys` in item order; None = no input, outcome `absent`), with
         the outcome counts and the devices that computed the features in its metadata; returns
         the counts."""
-        live = [k for k in keys if k is not None]
-        found = self.entries(list(dict.fromkeys(live)), ["key", "outcome", "device", "present"])
-        info = {k: (o, d, p) for k, o, d, p in zip(*(found[c].to_pylist() for c in ("key", "outcome", "device", "present")))}
-        rows = [(None, None, None, False, absent) if k is None else
-                (k, self.parts[self.index[k][0]].name, self.index[k][1], info[k][2], info[k][0]) for k in keys]
-        columns = list(zip(*rows)) if rows else [[]] * 5
-        table = pa.table({"item_idx": np.arange(1, len(keys) + 1, dtype=np.int32),
-                          **{name: list(values) for name, values in zip(("key", "part", "row", "present", "outcome"), columns)}})
+        about = {p: {c: table[c].to_pylist() for c in table.column_names} for p, table in self.about.items()}
+        located = [None if k is None else self.index[k] for k in keys]
+        table = pa.table({
+            "item_idx": np.arange(1, len(keys) + 1, dtype=np.int32),
+            "key": keys,
+            "part": [None if at is None else self.parts[at[0]].name for at in located],
+            "row": [None if at is None else at[1] for at in located],
+            "present": [False if at is None else about[at[0]]["present"][at[1]] for at in located],
+            "outcome": [absent if at is None else about[at[0]]["outcome"][at[1]] for at in located],
+        })
         counts = dict(sorted(Counter(table["outcome"].to_pylist()).items()))
-        devices = "+".join(sorted({info[k][1] for k in live})) or metadata.get("device", "")
+        devices = "+".join(sorted({about[p]["device"][row] for p, row in filter(None, located)})) or metadata.get("device", "")
         write_table(table, self.folder / INDEX, FEATURE_INDEX, {**metadata, "layout": LAYOUT, "counts": counts, "device": devices})
         return counts
 
 
-def write_token_features(folder: str | Path, tokens: np.ndarray, mask: np.ndarray, present: np.ndarray, metadata: dict,
-                         chunk_size: int = 1024) -> None:
-    """A store of items 1..N from whole arrays (N, T, D) float16, (N, T) bool, (N,) bool: for
-    tests, benchmarks and converting features made elsewhere. Each item is keyed by its values."""
-    n, num_tokens, dim = tokens.shape
-    store = FeatureStore(folder, num_tokens, dim)
-    keys = [hashlib.sha256(tokens[i].tobytes() + mask[i].tobytes()).digest() for i in range(n)]
-    for start in range(0, n, chunk_size):
-        window = slice(start, start + chunk_size)
-        chunk = keys[window]
-        outcomes = ["present" if p else "absent" for p in present[window]]
-        store.write_part(part_rows(chunk, outcomes, ["cpu"] * len(chunk), tokens[window], mask[window], present[window]), metadata)
+def write_token_features(folder: str | Path, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], metadata: dict) -> None:
+    """A store of items 1, 2, ... from chunks of (tokens (n, T, D) float16, mask (n, T) bool,
+    present (n,) bool), one part each: for tests, benchmarks and features made elsewhere. Each
+    item is keyed by its values."""
+    store, keys = None, []
+    for tokens, mask, present in chunks:
+        store = store or FeatureStore(folder, *tokens.shape[1:])
+        chunk = [hashlib.sha256(t.tobytes() + m.tobytes()).digest() for t, m in zip(tokens, mask)]
+        outcomes = ["present" if p else "absent" for p in present]
+        store.write_part(part_rows(chunk, outcomes, ["cpu"] * len(chunk), tokens, mask, present), metadata)
+        keys += chunk
     store.refresh()
-    store.write_index(keys, "absent", {**metadata, "num_tokens": num_tokens, "dim": dim})
+    store.write_index(keys, "absent", {**metadata, "num_tokens": store.shape[0], "dim": store.shape[1]})
 
 
 def read_index(folder: str | Path) -> tuple[pa.Table, dict]:

@@ -1,0 +1,174 @@
+"""The feature store's own costs, with an instant encoder so that the encoder is not measured:
+write throughput, read time of the tokens a model keeps, and the bytes `dvc push` sends after
++1% items.
+
+    python benchmarks/store.py [--items 2048] [--rounds 3] [--out benchmarks/results/store.json]
+    python benchmarks/store.py --baseline-worktree /tmp/base     # side by side with another checkout
+
+Each measurement runs the extraction of a checkout (`pipeline.features.extract`, the code both
+feature stages run: keys, parts, index; for checkouts before the store, its cache parts and the
+final single file) in a fresh process, on --items synthetic inputs of the image stage's default
+shape (50 tokens x 1280, float16: 128 KB per item), with an encoder that hands back random
+tokens at once (a pool of distinct batches, so that nothing compresses better than real
+features would). Reported, median of --rounds, the checkouts taking turns:
+- write: items/s and MB/s (token bytes) of one writing process, from the first input read to the
+  last file in place;
+- read: seconds to load the default model's kept tokens (train.model.image_tokens: 1 of 50) and
+  all 50;
+- push: after a first `dvc push` of the stage's outputs to a local remote, the extraction is
+  rerun on the same items plus 1% new ones, and the bytes the second `dvc push` uploads are
+  reported against the outputs' size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS, DIM = 50, 1280  # image_features defaults: pooled + 7 x 7 cells of EfficientNet-Lite0
+KEPT = 1  # train.model.image_tokens in params.yaml
+
+# Run in a fresh interpreter under the checkout argv[1]: extract argv[3] items into argv[2].
+EXTRACT = r"""
+import inspect, json, sys, time
+from collections import Counter
+from types import SimpleNamespace
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
+sys.path.insert(0, sys.argv[1])
+from pipeline.features import extract
+
+out, items, tokens, dim = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+
+class InstantEncoder:
+    name, absent, device, num_tokens, dim = "instant", "image_none", torch.device("cpu"), tokens, dim
+    def __init__(self, batch_size):
+        rng = np.random.default_rng(0)
+        self.pool = [rng.standard_normal((batch_size, tokens, dim), dtype=np.float32).astype(np.float16) for _ in range(4)]
+        self.timings = Counter()
+    def contents(self, chunk):
+        return chunk["image"].to_pylist()
+    def metadata(self):
+        return {"modality": "image", "encoder": "instant", "weights": {}, "num_tokens": tokens, "dim": dim,
+                "preprocessing": {}, "pooled_only": False, "dtype": "float16", "device": "cpu"}
+    def encode_window(self, contents, item_numbers, batch_size, batches):
+        for b in batches:
+            index = np.arange(b * batch_size, min((b + 1) * batch_size, len(contents)))
+            yield (index, self.pool[b % 4][: len(index)], np.ones((len(index), tokens), dtype=bool),
+                   np.ones(len(index), dtype=bool), ["rgb"] * len(index))
+
+inputs = out + ".inputs.parquet"
+pq.write_table(pa.table({"item_idx": np.arange(1, items + 1, dtype=np.int32),
+                         "image": [f"image {i}".encode() for i in range(items)]}), inputs)
+config = SimpleNamespace(chunk_size=1024, batch_size=256, token_compression="none")
+old_layout = "cache_dir" in inspect.signature(extract).parameters  # the single file + its cache folder
+kwargs = {"cache_dir": out + ".cache"} if old_layout else {}
+encoder = InstantEncoder(config.batch_size)
+started = time.perf_counter()
+extract("instant", encoder, inputs, ["image"], config, out, **kwargs)
+print(json.dumps({"seconds": time.perf_counter() - started, "old_layout": old_layout}))
+"""
+
+# Run under the checkout argv[1]: seconds to load argv[3] kept tokens of the features at argv[2].
+READ = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from pipeline.features.store import load_token_features
+started = time.perf_counter()
+features = load_token_features(sys.argv[2], max_tokens=int(sys.argv[3]))
+print(json.dumps({"seconds": time.perf_counter() - started, "shape": list(features.tokens.shape)}))
+"""
+
+
+def run(script: str, *args) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def outputs(folder: Path) -> list[Path]:
+    """What the stage declares as outputs: the store folder, or the old single file and its cache."""
+    return [p for p in (folder / "image", folder / "image.cache") if p.exists()] or [folder / "image"]
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def write_and_read(code: Path, work: Path, items: int) -> dict:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    written = run(EXTRACT, code, work / "image", items, TOKENS, DIM)
+    token_mb = items * TOKENS * DIM * 2 / 1e6
+    kept, every = (run(READ, code, work / "image", k)["seconds"] for k in (KEPT, TOKENS))
+    return {"write_s": written["seconds"], "items_per_s": items / written["seconds"], "mb_per_s": token_mb / written["seconds"],
+            "read_kept_s": kept, "read_all_s": every, "bytes": sum(tree_bytes(p) for p in outputs(work)),
+            "old_layout": written["old_layout"]}
+
+
+def push_after_one_percent(code: Path, work: Path, items: int) -> dict:
+    """Bytes the second `dvc push` uploads after the extraction reruns on +1% items."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
+    for cmd in (git + ["init", "-q"], dvc + ["init", "-q"], dvc + ["remote", "add", "-d", "local", str(work / "remote")]):
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+    sizes = []
+    for n in (items, items + items // 100):
+        run(EXTRACT, code, work / "image", n, TOKENS, DIM)
+        for path in outputs(work):
+            subprocess.run(dvc + ["add", "-q", path.name], cwd=work, check=True, capture_output=True)
+        before = tree_bytes(work / "remote") if (work / "remote").exists() else 0
+        subprocess.run(dvc + ["push", "-q"], cwd=work, check=True, capture_output=True)
+        sizes.append((tree_bytes(work / "remote") - before, sum(tree_bytes(p) for p in outputs(work))))
+    (_, _), (pushed, total) = sizes
+    return {"items": items, "added": items // 100, "pushed_bytes": pushed, "output_bytes": total, "pushed_share": pushed / total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline-worktree", type=Path, help="another checkout, measured in turns with this one")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "odmt-store-bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/store.json")
+    args = parser.parse_args()
+    codes = {"this": ROOT} | ({"baseline": args.baseline_worktree.resolve()} if args.baseline_worktree else {})
+    load = os.getloadavg()
+    rounds: dict[str, list[dict]] = {name: [] for name in codes}
+    for r in range(args.rounds):
+        for name, code in codes.items():
+            rounds[name].append(write_and_read(code, args.work / name, args.items))
+            print(name, json.dumps(rounds[name][-1]), flush=True)
+    results = {}
+    for name, code in codes.items():
+        runs = rounds[name]
+        results[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "old_layout"}
+        results[name] |= {"code": str(code), "old_layout": runs[0]["old_layout"], "runs": runs,
+                          "push": push_after_one_percent(code, args.work / f"{name}-push", args.items)}
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "runs"}), flush=True)
+    report = {"items": args.items, "tokens": TOKENS, "dim": DIM, "kept": KEPT, "rounds": args.rounds,
+              "load_average_before": load, "load_average_after": os.getloadavg(), "cpu": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "results": results}
+    if "baseline" in results:
+        this, base = results["this"], results["baseline"]
+        report["ratios"] = {"write_items_per_s": this["items_per_s"] / base["items_per_s"],
+                            "read_kept": base["read_kept_s"] / this["read_kept_s"], "read_all": base["read_all_s"] / this["read_all_s"]}
+        print("ratios (this vs baseline):", json.dumps(report["ratios"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
