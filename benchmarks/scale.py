@@ -3,6 +3,7 @@
     python benchmarks/scale.py --sizes S M L                 # this checkout's code
     python benchmarks/scale.py --sizes S M --code /tmp/base --label base   # another checkout's, to compare
     python benchmarks/scale.py --sizes L --stages train score evaluate --train-steps 300 --score-users 20000
+    python benchmarks/scale.py --sizes L --stages ingest text_features image_features train --instant-features --train-steps 3
 
 For each size, the catalogue of `benchmarks/synthetic.py` (written once into --data/SIZE, not
 timed) is run through each stage of --stages in order (ingest, text_features, image_features,
@@ -21,8 +22,10 @@ What runs, and where it is not the real thing (each record says so in `note`):
   (written once to --data/encoders, not timed): text 30 tokens x 384 from a 1-layer BERT of width
   384 with MiniLM's tokenizer; image 50 tokens x 1280 at 224 px from timm's mobilenetv2_035 (the
   smallest timm model with 1280 features; ~9x cheaper than EfficientNet-Lite0). Their times are
-  not the real encoders'; the shapes, the data path and the memory are. Feature caches are
-  emptied first: every item is encoded.
+  not the real encoders'; the shapes, the data path and the memory are. Feature stores are
+  emptied first: every item is encoded. With --instant-features they run the extraction with an
+  instant encoder instead (benchmarks/instant_features.py: random tokens of the default shapes),
+  which measures what the store itself costs to write (and, for train, to read back).
 - train runs the default `train` section with epochs 1: one whole epoch, its validation, the final
   valid/test evaluation (a checkpoint left from a previous run is removed first). With
   --train-steps N it runs benchmarks/scale_train.py instead: the same set-up and N real steps and
@@ -122,10 +125,13 @@ STAGES = {
         ingest_params,
         tuple(f"data/ingest/{name}.parquet" for name in ("items", "images", "interactions", "sequences", "popularity")),
     ),
-    "text_features": Stage("text_features", "stages/text_features.py", text_params, ("data/features/text.parquet",),
-                           fresh=("data/features/cache/text",)),
-    "image_features": Stage("image_features", "stages/image_features.py", image_params, ("data/features/image.parquet",),
-                            fresh=("data/features/cache/image",)),
+    # the stores (and, in checkouts before them, the single file and its cache)
+    "text_features": Stage("text_features", "stages/text_features.py", text_params,
+                           ("data/features/text", "data/features/text.parquet", "data/features/cache/text"),
+                           fresh=("data/features/text", "data/features/text.parquet", "data/features/cache/text")),
+    "image_features": Stage("image_features", "stages/image_features.py", image_params,
+                            ("data/features/image", "data/features/image.parquet", "data/features/cache/image"),
+                            fresh=("data/features/image", "data/features/image.parquet", "data/features/cache/image")),
     "train": Stage("train", "stages/train.py", train_params, (f"models/{RUN}/model.pt",), ("--variant", "odmt", "--seed", "1"),
                    fresh=(f"models/{RUN}", f"logs/{RUN}")),
     "score": Stage("score", "stages/score.py", score_params, (f"data/candidates/{RUN}",), ("--run", RUN),
@@ -173,8 +179,8 @@ def run_stage(stage: Stage, code: Path, work: Path, inputs: Inputs, command: lis
     bytes (and its last stdout line, when it prints one: scale_train.py's JSON). `command`
     replaces the stage's script (python ... --params params.yaml is kept)."""
     work.mkdir(parents=True, exist_ok=True)
-    for path in stage.fresh:
-        shutil.rmtree(work / path, ignore_errors=True)
+    for path in map(work.joinpath, stage.fresh):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(stage.params(inputs), sort_keys=False))
     log_path = work / f"{stage.name}.log"
     command = command or [str(code / stage.script), *stage.args]
@@ -195,6 +201,8 @@ def run_stage(stage: Stage, code: Path, work: Path, inputs: Inputs, command: lis
 
 
 def output_bytes(path: Path) -> int:
+    if not path.exists():
+        return 0
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
@@ -260,11 +268,22 @@ def git_commit(code: Path) -> str:
     return result.stdout.strip() or "unknown"
 
 
+def instant_features(stage: Stage, code: Path, work: Path, inputs: Inputs) -> dict:
+    """A feature stage's extraction under `code` with an instant encoder (instant_features.py):
+    what the store costs at this size, without an encoder's time."""
+    modality = stage.name.removesuffix("_features")
+    script = ROOT / "benchmarks/instant_features.py"
+    result = run_stage(stage, code, work, inputs, [str(script), "--modality", modality, "--code", str(code)])
+    result["note"] = (f"instant encoder (benchmarks/instant_features.py): random float16 tokens of the default shape, "
+                      f"no encoding; the extraction's own reading, keys, writes and index of {code.name}")
+    return result
+
+
 def measure(sizes: list[str], stages: list[str], code: Path, label: str, data: Path, work: Path,
-            train_steps: int | None = None, score_users: int | None = None) -> list[dict]:
+            train_steps: int | None = None, score_users: int | None = None, instant: bool = False) -> list[dict]:
     records = []
     encoders = data / "encoders"
-    if {"text_features", "image_features"} & set(stages):
+    if {"text_features", "image_features"} & set(stages) and not instant:
         in_child(write_encoders, encoders)
     for size in sizes:
         catalogue = data / size
@@ -279,6 +298,8 @@ def measure(sizes: list[str], stages: list[str], code: Path, label: str, data: P
             load = os.getloadavg()[0]
             if name == "train" and train_steps:
                 result = fixed_steps_train(code, folder, inputs, train_steps)
+            elif name.endswith("_features") and instant:
+                result = instant_features(STAGES[name], code, folder, inputs)
             elif name in ("score", "evaluate") and score_users and score_users < counts["users"]:
                 result = prefix_run(STAGES[name], code, folder, inputs, score_users, counts["users"])
             else:
@@ -339,8 +360,11 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks/results/scale.png")
     parser.add_argument("--train-steps", type=int, help="train: this many steps and an estimate, instead of a whole epoch")
     parser.add_argument("--score-users", type=int, help="score, evaluate: the first this many users and an estimate")
+    parser.add_argument("--instant-features", action="store_true",
+                        help="feature stages: an instant encoder (instant_features.py), so the store, not an encoder, is measured")
     args = parser.parse_args()
-    measured = measure(args.sizes, args.stages, args.code.resolve(), args.label, args.data, args.work, args.train_steps, args.score_users)
+    measured = measure(args.sizes, args.stages, args.code.resolve(), args.label, args.data, args.work, args.train_steps,
+                       args.score_users, args.instant_features)
     records = merge(args.out, measured)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     note = ("Each stage run as its own process on a synthetic catalogue (benchmarks/synthetic.py); peak_rss_gb is the "

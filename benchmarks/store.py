@@ -5,12 +5,11 @@ write throughput, read time of the tokens a model keeps, and the bytes `dvc push
     python benchmarks/store.py [--items 2048] [--rounds 3] [--out benchmarks/results/store.json]
     python benchmarks/store.py --baseline-worktree /tmp/base     # side by side with another checkout
 
-Each measurement runs the extraction of a checkout (`pipeline.features.extract`, the code both
-feature stages run: keys, parts, index; for checkouts before the store, its cache parts and the
-final single file) in a fresh process, on --items synthetic inputs of the image stage's default
-shape (50 tokens x 1280, float16: 128 KB per item), with an encoder that hands back random
-tokens at once (a pool of distinct batches, so that nothing compresses better than real
-features would). Reported, median of --rounds, the checkouts taking turns:
+Each measurement runs the extraction of a checkout with an instant encoder
+(benchmarks/instant_features.py: the loop both feature stages run, keys, parts, index; for
+checkouts before the store, its cache parts and the final single file) in a fresh process, on
+--items synthetic inputs, at the image stage's default shape (50 tokens x 1280, float16: 128 KB
+per item). Reported, median of --rounds, the checkouts taking turns:
 - write: items/s and MB/s (token bytes) of one writing process, from the first input read to the
   last file in place;
 - read: seconds to load the default model's kept tokens (train.model.image_tokens: 1 of 50) and
@@ -33,49 +32,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS, DIM = 50, 1280  # image_features defaults: pooled + 7 x 7 cells of EfficientNet-Lite0
 KEPT = 1  # train.model.image_tokens in params.yaml
-
-# Run in a fresh interpreter under the checkout argv[1]: extract argv[3] items into argv[2].
-EXTRACT = r"""
-import inspect, json, sys, time
-from collections import Counter
-from types import SimpleNamespace
-import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
-sys.path.insert(0, sys.argv[1])
-from pipeline.features import extract
-
-out, items, tokens, dim = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-
-class InstantEncoder:
-    name, absent, device, num_tokens, dim = "instant", "image_none", torch.device("cpu"), tokens, dim
-    def __init__(self, batch_size):
-        rng = np.random.default_rng(0)
-        self.pool = [rng.standard_normal((batch_size, tokens, dim), dtype=np.float32).astype(np.float16) for _ in range(4)]
-        self.timings = Counter()
-    def contents(self, chunk):
-        return chunk["image"].to_pylist()
-    def metadata(self):
-        return {"modality": "image", "encoder": "instant", "weights": {}, "num_tokens": tokens, "dim": dim,
-                "preprocessing": {}, "pooled_only": False, "dtype": "float16", "device": "cpu"}
-    def encode_window(self, contents, item_numbers, batch_size, batches):
-        for b in batches:
-            index = np.arange(b * batch_size, min((b + 1) * batch_size, len(contents)))
-            yield (index, self.pool[b % 4][: len(index)], np.ones((len(index), tokens), dtype=bool),
-                   np.ones(len(index), dtype=bool), ["rgb"] * len(index))
-
-inputs = out + ".inputs.parquet"
-pq.write_table(pa.table({"item_idx": np.arange(1, items + 1, dtype=np.int32),
-                         "image": [f"image {i}".encode() for i in range(items)]}), inputs)
-config = SimpleNamespace(chunk_size=1024, batch_size=256, token_compression="none")
-old_layout = "cache_dir" in inspect.signature(extract).parameters  # the single file + its cache folder
-kwargs = {"cache_dir": out + ".cache"} if old_layout else {}
-encoder = InstantEncoder(config.batch_size)
-started = time.perf_counter()
-extract("instant", encoder, inputs, ["image"], config, out, **kwargs)
-print(json.dumps({"seconds": time.perf_counter() - started, "old_layout": old_layout}))
-"""
 
 # Run under the checkout argv[1]: seconds to load argv[3] kept tokens of the features at argv[2].
 READ = r"""
@@ -88,16 +51,24 @@ print(json.dumps({"seconds": time.perf_counter() - started, "shape": list(featur
 """
 
 
-def run(script: str, *args) -> dict:
-    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+def run(*command) -> dict:
+    proc = subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def extract(code: Path, out: Path, items: int) -> dict:
+    """The instant image extraction of `code` (benchmarks/instant_features.py) of `items` inputs into `out`."""
+    inputs = out.with_name("images.parquet")
+    pq.write_table(pa.table({"item_idx": np.arange(1, items + 1, dtype=np.int32),
+                             "image": [f"image {i}".encode() for i in range(items)]}), inputs)
+    return run(ROOT / "benchmarks/instant_features.py", "--modality", "image", "--code", code, "--input", inputs, "--out", out)
+
+
 def outputs(folder: Path) -> list[Path]:
     """What the stage declares as outputs: the store folder, or the old single file and its cache."""
-    return [p for p in (folder / "image", folder / "image.cache") if p.exists()] or [folder / "image"]
+    return [p for p in (folder / "image", folder / "image.cache") if p.exists()]
 
 
 def tree_bytes(path: Path) -> int:
@@ -107,9 +78,9 @@ def tree_bytes(path: Path) -> int:
 def write_and_read(code: Path, work: Path, items: int) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    written = run(EXTRACT, code, work / "image", items, TOKENS, DIM)
+    written = extract(code, work / "image", items)
     token_mb = items * TOKENS * DIM * 2 / 1e6
-    kept, every = (run(READ, code, work / "image", k)["seconds"] for k in (KEPT, TOKENS))
+    kept, every = (run("-c", READ, code, work / "image", k)["seconds"] for k in (KEPT, TOKENS))
     return {"write_s": written["seconds"], "items_per_s": items / written["seconds"], "mb_per_s": token_mb / written["seconds"],
             "read_kept_s": kept, "read_all_s": every, "bytes": sum(tree_bytes(p) for p in outputs(work)),
             "old_layout": written["old_layout"]}
@@ -125,7 +96,7 @@ def push_after_one_percent(code: Path, work: Path, items: int) -> dict:
         subprocess.run(cmd, cwd=work, check=True, capture_output=True)
     sizes = []
     for n in (items, items + items // 100):
-        run(EXTRACT, code, work / "image", n, TOKENS, DIM)
+        extract(code, work / "image", n)
         for path in outputs(work):
             subprocess.run(dvc + ["add", "-q", path.name], cwd=work, check=True, capture_output=True)
         before = tree_bytes(work / "remote") if (work / "remote").exists() else 0
