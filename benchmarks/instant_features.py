@@ -8,7 +8,8 @@ run (keys, the store's parts and index; in checkouts before the store, its cache
 final single file), on the stage's real input file, with an encoder that hands back random
 float16 tokens of the stage's default shape at once (text 30 x 384, image 50 x 1280), from a pool
 of distinct batches so that nothing compresses better than real features would. Prints one JSON
-line: the seconds from the first input read to the last file in place. benchmarks/store.py and
+line: the seconds from the first input read to the last file in place, and the items/s and
+token MB/s of this one writing process. benchmarks/store.py and
 benchmarks/scale.py --instant-features use it to measure what the feature store costs.
 """
 
@@ -80,8 +81,11 @@ def main() -> None:
     config = SimpleNamespace(chunk_size=args.chunk_size, batch_size=args.batch_size, token_compression="none")
     encoder = InstantEncoder(args.modality, args.batch_size)
     started = time.perf_counter()
-    extract(f"instant {args.modality}", encoder, source, SHAPES[args.modality][2], config, out, **kwargs)
-    print(json.dumps({"seconds": time.perf_counter() - started, "old_layout": old_layout}))
+    summary = extract(f"instant {args.modality}", encoder, source, SHAPES[args.modality][2], config, out, **kwargs)
+    seconds = time.perf_counter() - started
+    token_mb = summary["items"] * encoder.num_tokens * encoder.dim * 2 / 1e6
+    print(json.dumps({"seconds": seconds, "items_per_s": summary["items"] / seconds, "mb_per_s": token_mb / seconds,
+                      "old_layout": old_layout}))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -161,3 +164,27 @@ def test_a_cut_part_or_a_foreign_index_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no feature store index; run the feature stages first"):
         load_token_features(tmp_path / "empty")
+
+
+def test_a_file_of_the_single_file_layout_converts_to_the_same_features_bit_for_bit(tmp_path):
+    """benchmarks/layouts.py reads the layout of checkouts before the store (a fixed-size list of
+    T x D float16 per item), converts it, and tells a store with the same bits from one without."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import layouts
+
+    tokens, mask, present = write_store(tmp_path / "store", n=10, chunk_size=4)
+    schema = pa.schema([("item_idx", pa.int32()), ("tokens", pa.list_(pa.float16(), NUM_TOKENS * DIM)),
+                        ("mask", pa.list_(pa.bool_(), NUM_TOKENS)), ("present", pa.bool_())])
+    old = pa.table([pa.array(np.arange(1, 11, dtype=np.int32)),
+                    pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), NUM_TOKENS * DIM),
+                    pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), NUM_TOKENS), pa.array(present)], schema=schema)
+    write_table(old, tmp_path / "old.parquet", schema, {"modality": "text", "num_tokens": NUM_TOKENS, "dim": DIM})
+
+    assert layouts.compare(layouts.read_single_file(tmp_path / "old.parquet"), load_token_features(tmp_path / "store"))["bit_identical"]
+    layouts.convert(tmp_path / "old.parquet", tmp_path / "converted")
+    converted = load_token_features(tmp_path / "converted")
+    assert layouts.compare(layouts.read_single_file(tmp_path / "old.parquet"), converted)["bit_identical"]
+    changed = load_token_features(tmp_path / "store")
+    changed.tokens[4, 1, 2] += 1  # one value
+    result = layouts.compare(layouts.read_single_file(tmp_path / "old.parquet"), changed)
+    assert not result["bit_identical"] and not result["tokens"] and result["mask"] and result["present"]

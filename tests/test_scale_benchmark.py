@@ -36,7 +36,7 @@ def test_scale_runs_the_dag_after_ingest_with_tiny_encoders_of_the_default_shape
                for name in ("ingest", "text_features", "image_features", "train")}
     assert all(r["output_bytes"] > 0 and r["peak_rss_gb"] > 0 for r in records.values())
     for modality, shape in (("text", (30, 384)), ("image", (50, 1280))):  # the default encoders' shapes
-        tokens = load_token_features(work / f"data/features/{modality}.parquet").tokens
+        tokens = load_token_features(work / f"data/features/{modality}").tokens
         assert tuple(tokens.shape[1:]) == shape
     assert (work / f"models/{scale.RUN}/model.pt").exists()
 
@@ -53,6 +53,18 @@ def test_scale_runs_the_dag_after_ingest_with_tiny_encoders_of_the_default_shape
     steps = scale.fixed_steps_train(scale.ROOT, work, inputs, steps=1)
     assert (steps["steps_run"], steps["validation_users"]) == (1, 30) and steps["estimated_wall_s"] >= steps["wall_s"]
     assert "extrapolated" in steps["note"] and (work / f"models/{scale.RUN}/model.pt").exists()
+
+
+def test_instant_features_write_the_store_a_stage_writes_without_an_encoder(tmp_path):
+    """--instant-features: the extraction's own reading, writes and index at the default shapes."""
+    catalogue = synthetic.write(tmp_path / "catalogue", items=12, users=10)
+    inputs, work = scale.Inputs(catalogue, tmp_path / "encoders", scale.ROOT), tmp_path / "work"
+    scale.run_stage(scale.STAGES["ingest"], scale.ROOT, work, inputs)
+    record = scale.instant_features(scale.STAGES["image_features"], scale.ROOT, work, inputs)
+    features = load_token_features(work / "data/features/image")
+    assert tuple(features.tokens.shape[1:]) == (50, 1280) and features.present[1:].all() and features.tokens[1:].any()
+    assert record["items_per_s"] > 0 and record["mb_per_s"] > 0 and "instant encoder" in record["note"]
+    assert record["output_bytes"] > features.num_items * 50 * 1280 * 2  # uncompressed float16 tokens
 
 
 def test_merge_replaces_the_same_label_size_and_stage(tmp_path):
