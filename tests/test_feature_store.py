@@ -188,3 +188,16 @@ def test_a_file_of_the_single_file_layout_converts_to_the_same_features_bit_for_
     changed.tokens[4, 1, 2] += 1  # one value
     result = layouts.compare(layouts.read_single_file(tmp_path / "old.parquet"), changed)
     assert not result["bit_identical"] and not result["tokens"] and result["mask"] and result["present"]
+
+
+def test_an_unreadable_part_is_encoded_again_and_deleted(tmp_path, caplog):
+    """A part cut in a transfer: the extraction treats its entries as missing (and compaction deletes it)."""
+    from pipeline.features.store import FeatureStore
+
+    write_store(tmp_path / "s", n=8, chunk_size=4)
+    cut = parts(tmp_path / "s")[0]
+    cut.write_bytes(cut.read_bytes()[:100])
+    store = FeatureStore(tmp_path / "s", NUM_TOKENS, DIM)
+    assert len(store.index) == 4 and f"{cut.name} is unreadable" in caplog.text
+    store.compact(list(store.index), 4, {})
+    assert not cut.exists() and len(parts(tmp_path / "s")) == 1

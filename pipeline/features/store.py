@@ -135,10 +135,14 @@ class FeatureStore:
         self._tables.clear()
         schema = feature_part(*self.shape)
         for p, path in enumerate(self.parts):
-            part = pq.ParquetFile(path)
-            if not part.schema_arrow.remove_metadata().equals(schema):
-                continue  # another token shape: another encoder, never a hit (compact deletes it)
-            small = part.read(columns=["key", "outcome", "device", "present"])
+            try:
+                part = pq.ParquetFile(path)
+                if not part.schema_arrow.remove_metadata().equals(schema):
+                    continue  # another token shape: another encoder, never a hit (compact deletes it)
+                small = part.read(columns=["key", "outcome", "device", "present"])
+            except (pa.ArrowException, OSError) as err:  # e.g. cut in a transfer: its inputs are encoded again
+                log.warning("feature store: %s is unreadable (%s): ignored, and deleted once the run is done", path, err)
+                continue
             self.about[p] = small.select(["outcome", "device", "present"])
             for row, key in enumerate(small["key"].to_pylist()):
                 self.index.setdefault(key, (p, row))
