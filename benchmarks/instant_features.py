@@ -28,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"text": (30, 384, ["title", "text"]), "image": (50, 1280, ["image"])}  # the stages' default outputs
+COMPRESSION = {"text": "none", "image": "zstd"}  # the stages' default token_compression
 
 
 class InstantEncoder:
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default: the checkout's own output, data/features/<modality>[.parquet]")
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--token-compression", choices=["none", "lz4", "zstd"], help="default: the stage's default")
     parser.add_argument("--params", help="ignored (scale.py passes every stage its params file)")
     args = parser.parse_args()
     sys.path.insert(0, str(args.code.resolve()))
@@ -78,14 +80,15 @@ def main() -> None:
     out = args.out or Path(f"data/features/{args.modality}" + (".parquet" if old_layout else ""))
     kwargs = {"cache_dir": Path(f"{out}.cache" if args.out else f"data/features/cache/{args.modality}")} if old_layout else {}
     source = args.input or Path("data/ingest/items.parquet" if args.modality == "text" else "data/ingest/images.parquet")
-    config = SimpleNamespace(chunk_size=args.chunk_size, batch_size=args.batch_size, token_compression="none")
+    compression = args.token_compression or COMPRESSION[args.modality]
+    config = SimpleNamespace(chunk_size=args.chunk_size, batch_size=args.batch_size, token_compression=compression)
     encoder = InstantEncoder(args.modality, args.batch_size)
     started = time.perf_counter()
     summary = extract(f"instant {args.modality}", encoder, source, SHAPES[args.modality][2], config, out, **kwargs)
     seconds = time.perf_counter() - started
     token_mb = summary["items"] * encoder.num_tokens * encoder.dim * 2 / 1e6
     print(json.dumps({"seconds": seconds, "items_per_s": summary["items"] / seconds, "mb_per_s": token_mb / seconds,
-                      "old_layout": old_layout}))
+                      "old_layout": old_layout, "token_compression": "zstd (single file and cache)" if old_layout else compression}))
 
 
 if __name__ == "__main__":
