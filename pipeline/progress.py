@@ -9,8 +9,22 @@ import time
 log = logging.getLogger("pipeline")
 
 
+class LevelFormatter(logging.Formatter):
+    """Lines as `time name: message`; a warning or error carries its level (`WARNING: message`),
+    so that it stands out from the info lines around it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(name)s: %(level)s%(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return super().format(record)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LevelFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 class Progress:
