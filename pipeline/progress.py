@@ -9,29 +9,45 @@ import time
 log = logging.getLogger("pipeline")
 
 
+class LevelFormatter(logging.Formatter):
+    """Lines as `time name: message`; a warning or error carries its level (`WARNING: message`),
+    so that it stands out from the info lines around it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(name)s: %(level)s%(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return super().format(record)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LevelFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 class Progress:
-    """Call ``update(n)`` as work is done; logs rate and ETA every ``every_s`` seconds."""
+    """Call ``update(n)`` as work is done; logs rate and ETA every ``every_s`` seconds (nothing
+    when ``quiet``: a loop with no real work to report)."""
 
-    def __init__(self, what: str, total: int | None = None, unit: str = "items", every_s: float = 5.0):
-        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+    def __init__(self, what: str, total: int | None = None, unit: str = "items", every_s: float = 5.0, quiet: bool = False):
+        self.what, self.total, self.unit, self.every_s, self.quiet = what, total, unit, every_s, quiet
         self.done = 0
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
-        if now - self.last >= self.every_s:
+        if now - self.last >= self.every_s and not self.quiet:
             self.last = now
             log.info("%s: %s", self.what, self._status(now))
 
     def close(self) -> float:
         """Log the final rate and return it (units per second)."""
         now = time.perf_counter()
-        log.info("%s: done, %s", self.what, self._status(now))
+        if not self.quiet:
+            log.info("%s: done, %s", self.what, self._status(now))
         return self.rate(now)
 
     def rate(self, now: float | None = None) -> float:

@@ -9,7 +9,7 @@ Users are encoded and searched in bounded blocks (`user_block_size`) by the User
 export.py exports, against the run's exported FAISS index, so the stage, a service holding the export,
 and `--histories` (new users, no retraining) compute the same thing.
 
-One user, in the terminal and optionally as a poster page:
+One user, in the terminal and optionally as a page of item thumbnails:
 
     python -m pipeline.recommend --run odmt-s1 --user 42 [--html user42.html]
 """
@@ -143,7 +143,7 @@ def read_histories(path: Path, item_index: dict[str, int]) -> tuple[list[str], R
 
 def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, params: str = "params.yaml") -> str:
     """One user's recent history and top ``top`` with titles, as text; with ``html_path`` also
-    the poster page of that user (the report's page code)."""
+    the page of that user's item thumbnails (the report's page code)."""
     from pipeline.report import ReportConfig, escape, poster_page
 
     path = Path("data/recommendations") / f"{run}.parquet"
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="a run of recommend.runs, e.g. odmt-s1")
     parser.add_argument("--user", required=True, help="the user's key in the source data")
     parser.add_argument("--top", type=int, default=10, help="recommendations shown (at most recommend.k)")
-    parser.add_argument("--html", type=Path, help="also write the user's poster page here")
+    parser.add_argument("--html", type=Path, help="also write the user's page of item thumbnails here")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     setup_logging()

@@ -1,5 +1,5 @@
 """The comparison report: every evaluated run side by side (Markdown), and a page that shows
-what the recommendations look like (self-contained HTML, posters inlined as base64).
+what the recommendations look like (self-contained HTML, item images inlined as base64).
 
 Input is the metrics files the evaluate stage writes (one per run, metrics/{run}.json), so
 the report covers whatever runs the DAG evaluated; runs of one variant with different seeds
@@ -35,7 +35,7 @@ class ReportConfig:
     showcase_users: int = 6  # users shown, evenly spread over the user list
     history_shown: int = 8  # most recent history items shown per user
     top_n: int = 10  # recommendations shown per user
-    thumb_height: int = 120  # poster thumbnail height in pixels
+    thumb_height: int = 120  # thumbnail height in pixels
     max_pixels: int = MAX_PIXELS  # larger images are not decoded (placeholder instead)
 
     def validate(self) -> None:
@@ -150,6 +150,7 @@ def protocol_lines(runs: list[dict], config: ReportConfig) -> list[str]:
         hr = reference["test"]["fused"]["hr@10"]
         error = 100 * math.sqrt(hr * (1 - hr) / users)
         lines.append(f"Noise floor: with {users} users one run's test HR@10 has a standard error of about {error:.2f} points.")
+    lines += repeated_target_lines(p)
     lines += source_lines(runs)
     for run in runs:
         # The cutoffs listed may differ between runs without changing any number, and each
@@ -158,6 +159,24 @@ def protocol_lines(runs: list[dict], config: ReportConfig) -> list[str]:
         if differing:
             lines.append(f"**Warning**: run {run['run']['run']} differs in protocol ({', '.join(differing)}): not comparable.")
     return lines
+
+
+def repeated_target_lines(protocol: dict) -> list[str]:
+    """How many targets are already in their user's history (repeat consumption), and whether
+    they can be hit: under exclude_history `all` they are excluded with the history, never ranked."""
+    if "targets_in_history" not in protocol:
+        return []
+    counts, users = protocol["targets_in_history"], protocol["users"]
+    line = (
+        f"Targets already in the user's history: {counts['test']} of {users['test']} test users, "
+        f"{counts['valid']} of {users['valid']} validation users"
+    )
+    if not counts["test"] and not counts["valid"]:
+        return [line + "."]
+    if protocol.get("exclude_history") == "all":
+        ceiling = 100 * (1 - counts["test"] / users["test"])
+        return [line + f"; excluded with the history, they can never be hit (test HR@k at most {ceiling:.2f}%)."]
+    return [line + "; they stay rankable."]
 
 
 def source_lines(runs: list[dict]) -> list[str]:
@@ -236,7 +255,7 @@ def recommendations_html(
     candidates: pa.Table, sequences: pa.Table, items: pa.Table, images_path: Path, config: ReportConfig
 ) -> str:
     """For a few test users: recent history, top-N recommendations (the held-out item framed
-    where it was hit) and the held-out item itself, as poster thumbnails with titles."""
+    where it was hit) and the held-out item itself, as thumbnails with titles."""
     users = split_users(sequences, "test")
     position = {u: i for i, u in enumerate(candidates.column("user_idx").to_pylist())}
     shown = []  # (user key, recent history, top N, held-out item)
@@ -248,7 +267,7 @@ def recommendations_html(
     title = f"Recommendations of {escape(config.showcase_run)}"
     intro = (
         f"Test split. Each user's recent history (the model's input; history items are never recommended), "
-        f"the top {config.top_n} over the whole catalogue, and the item the user really watched next, framed green "
+        f"the top {config.top_n} over the whole catalogue, and the item the user interacted with next, framed green "
         f"where it was recommended. Users are evenly spread over the user list, not picked."
     )
     return poster_page(shown, items, images_path, config, title, intro)
@@ -256,7 +275,7 @@ def recommendations_html(
 
 def poster_page(shown: list[tuple], items: pa.Table, images_path: Path, config: ReportConfig, title: str, intro: str) -> str:
     """The page: per (user key, recent history, top N, held-out item or None) a section of
-    poster thumbnails with titles; ``title`` and ``intro`` are HTML already."""
+    item thumbnails with titles; ``title`` and ``intro`` are HTML already."""
     needed = sorted({i for _, history, top, target in shown for i in history + top + [target] if i is not None})
     titles = dict(zip(items.column("item_idx").to_pylist(), items.column("title").to_pylist()))
     images = pq.read_table(images_path, columns=["item_idx", "image"], filters=[("item_idx", "in", needed)])

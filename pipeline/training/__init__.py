@@ -77,12 +77,16 @@ class Sources:
     present: dict[str, float]  # source -> fraction of catalogue items that have it
 
     def describe(self, cfg: TrainConfig) -> str:
-        """One log line: each source found, its coverage, used or dropped and why."""
+        """One log line: each source found, its coverage, used or dropped and why (a source the
+        run has but its variant does not read, as sasrec_id's text, is not used)."""
         parts = []
+        reads = VARIANTS[cfg.model.variant].sources
         for name in THREE:
             share = f"{100 * self.present[name]:.1f}% of items"
-            if name in self.used:
+            if name in self.used and name in reads:
                 parts.append(f"{name} ({share}, used)")
+            elif name in self.used:
+                parts.append(f"{name} ({share}: not read by {cfg.model.variant})")
             elif cfg.modalities == "auto":
                 parts.append(f"{name} ({share}: below train.modality_min_present {cfg.modality_min_present}, dropped)")
             else:

@@ -90,13 +90,11 @@ def code_digest(paths: tuple[str, ...] = TRAIN_CODE, root: Path = ROOT) -> dict[
 
 def load_compatible(path: Path, params: dict[str, Any], inputs: dict[str, str], code: dict[str, str]) -> dict[str, Any] | None:
     """The checkpoint at `path` if it was written by the same code from the same input files with
-    the same params, apart from more `epochs` than it has done."""
+    the same params, apart from more `epochs` than it has done. Those are checked first: a
+    checkpoint of other data or params is refused for that, whatever its epochs."""
     if not path.exists():
         return None
     state = load(path)
-    if state["epoch"] > params["epochs"]:
-        log.info("%s: trained %d epochs, more than epochs: %d; starting afresh", path, state["epoch"], params["epochs"])
-        return None
     for what, saved, current in (
         ("params", {k: v for k, v in state["params"].items() if k != "epochs"}, {k: v for k, v in params.items() if k != "epochs"}),
         ("input files", state.get("inputs", {}), inputs),
@@ -106,4 +104,7 @@ def load_compatible(path: Path, params: dict[str, Any], inputs: dict[str, str], 
         if changed:
             log.info("%s: %s changed (%s); starting afresh", path, what, ", ".join(changed))
             return None
+    if state["epoch"] > params["epochs"]:
+        log.info("%s: trained %d epochs, more than epochs: %d; starting afresh", path, state["epoch"], params["epochs"])
+        return None
     return state

@@ -166,4 +166,7 @@ def read_amazon2018(path: Path, options: Amazon2018Options) -> RawSource:
     bad_values: list[BadValues] = []
     interactions = read_reviews(path / options.reviews_file, dropped, bad_values)
     items = read_metadata(path / options.meta_file, path / options.images_dir, options.text_fields, dropped, bad_values)
-    return RawSource(interactions=interactions, items=items, dropped=dropped, bad_values=bad_values, image_roots=(path,))
+    return RawSource(
+        interactions=interactions, items=items, dropped=dropped, bad_values=bad_values, image_roots=(path,),
+        has_text_columns=bool(options.text_fields),
+    )

@@ -61,6 +61,9 @@ class RawSource:
     dropped: Counter = field(default_factory=Counter)  # rows the adapter itself skipped, by reason
     bad_values: list[BadValues] = field(default_factory=list)  # rows dropped for an unreadable value
     image_roots: tuple[Path, ...] = ()  # image files must resolve (`..`, symlinks) inside one of these
+    # False: the source names no text columns (titles only), so an item without text is no
+    # finding: the title alone is its text by choice, and `empty_text` is not counted
+    has_text_columns: bool = True
 
     def __post_init__(self) -> None:
         absent = [c for c in OPTIONAL_ITEM_COLUMNS if c not in self.items.columns]

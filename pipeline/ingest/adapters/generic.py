@@ -114,4 +114,7 @@ def read_generic(path: Path, options: GenericOptions) -> RawSource:
         joined_text(options.text_columns).alias("text"),
         *images,
     )
-    return RawSource(interactions=interactions, items=items, dropped=dropped, bad_values=readable.bad_values, image_roots=roots)
+    return RawSource(
+        interactions=interactions, items=items, dropped=dropped, bad_values=readable.bad_values, image_roots=roots,
+        has_text_columns=bool(options.text_columns),
+    )

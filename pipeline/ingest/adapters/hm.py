@@ -87,4 +87,7 @@ def read_hm(path: Path, options: HMOptions) -> RawSource:
         pl.lit(None, pl.String).alias("image_url"),
     )
     bad_values += readable.bad_values
-    return RawSource(interactions=interactions, items=items, dropped=dropped, bad_values=bad_values, image_roots=(path,))
+    return RawSource(
+        interactions=interactions, items=items, dropped=dropped, bad_values=bad_values, image_roots=(path,),
+        has_text_columns=bool(options.text_columns),
+    )
