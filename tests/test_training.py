@@ -205,6 +205,15 @@ def test_blocked_ranks_equal_full_ranks_with_ties_excluded_targets_and_padding()
     assert everything_tied.tolist() == [11, 10]  # ties count against the target: the worst rank
 
 
+def test_a_non_finite_target_score_is_never_a_hit():
+    users, items = torch.ones(3, 2), torch.ones(5, 2)
+    users[1] = float("nan")  # a diverged model's user vector
+    users[2, 0] = float("inf")  # an overflow: +inf or NaN scores
+    ranks = blocked_ranks(users, items, torch.tensor([1, 2, 3]), torch.zeros(3, 1, dtype=torch.long))
+    assert ranks.tolist() == [4, math.inf, math.inf]  # user 0: all 4 items tie, against the target
+    assert summarize(ranks[1:]) == {"hr@10": 0.0, "ndcg@10": 0.0, "mrr@10": 0.0}
+
+
 def test_blocked_ranks_never_score_more_than_a_block(monkeypatch):
     import pipeline.metrics as metrics
 
@@ -297,7 +306,7 @@ def test_cpu_bf16_runs_the_training_forward_pass_in_bfloat16(toy, monkeypatch):
     produced: list[torch.dtype] = []
     model.items.register_forward_hook(lambda _module, _inputs, out: produced.append(out.dtype))
     before = [p.detach().clone() for p in model.parameters()]
-    _, loss = train_step(model, model, optimizer, scaler, data.train[:8], cfg, env, 1.0, log_popularity(data.train_counts), autocast)
+    loss = train_step(model, model, optimizer, scaler, data.train[:8], cfg, env, 1.0, log_popularity(data.train_counts), autocast).loss
     assert produced == [torch.bfloat16] and math.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
@@ -435,6 +444,54 @@ def test_model_selection_and_the_evaluate_stage_rank_alike(tmp_path, exclude):
         assert set(metrics[split]) == {"fused", "id", "text", "image"}
         for ranking, values in metrics[split].items():
             assert values == info[split][ranking] == logged[split][ranking], (split, ranking)
+
+
+def nan_losses_at(monkeypatch, calls: set[int]) -> None:
+    """Make the loss terms of these training steps (1-based, counted over the run) NaN."""
+    count = iter(range(1, 1_000_000))
+    batch_losses = trainer.batch_losses
+
+    def diverging(*args, **kwargs):
+        terms = batch_losses(*args, **kwargs)
+        return {k: v * float("nan") for k, v in terms.items()} if next(count) in calls else terms
+
+    monkeypatch.setattr(trainer, "batch_losses", diverging)
+
+
+def test_a_non_finite_loss_stops_training_and_says_where(toy, tmp_path, monkeypatch):
+    nan_losses_at(monkeypatch, {3})  # 2 steps per epoch: epoch 2's first
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 1 of 2: the training loss is not finite \(loss nan, ce_id nan"):
+        train(toy_config(toy, epochs=3), tmp_path / "run", tmp_path / "logs")
+    assert checkpoint.load(tmp_path / "run/checkpoint.pt")["epoch"] == 1 and not (tmp_path / "run/model.pt").exists()
+
+
+def test_non_finite_loss_skip_leaves_the_weights_and_counts_the_steps(toy, tmp_path, monkeypatch, caplog):
+    _, one_epoch = train(toy_config(toy, epochs=1), tmp_path / "one", tmp_path / "one-logs")
+    nan_losses_at(monkeypatch, {3, 4})  # every step of epoch 2
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        _, info = train(toy_config(toy, epochs=2, non_finite_loss="skip"), tmp_path / "run", tmp_path / "logs")
+    assert "epoch 2: 2 of 2 steps skipped for a non-finite loss" in caplog.text
+    assert (info["best_epoch"], info["epochs_trained"]) == (1, 2) and info["valid"] == one_epoch["valid"]
+    before, after = (checkpoint.load(tmp_path / run / "checkpoint.pt")["model"] for run in ("one", "run"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped steps changed nothing
+    curve = (tmp_path / "logs/plots/metrics/train/skipped_steps.tsv").read_text().split()
+    assert curve[-2:] == ["2", "2.0"] and "epoch 2 (" in caplog.text and ": loss nan," in caplog.text
+
+
+def test_weights_that_turn_nan_stop_training_and_are_never_the_best_epoch(toy, tmp_path, monkeypatch):
+    train_epoch = trainer._train_epoch
+
+    def diverging(net, model, *args):
+        losses = train_epoch(net, model, *args)
+        if args[5] == 1:  # epoch 1 ends with NaN weights, every loss finite (an infinite gradient, say)
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return losses
+
+    monkeypatch.setattr(trainer, "_train_epoch", diverging)
+    with pytest.raises(FloatingPointError, match="epoch 1: 1 weight tensors hold NaN or inf"):
+        train(toy_config(toy, epochs=2), tmp_path / "run", tmp_path / "logs")
+    assert not (tmp_path / "run/model.pt").exists()
 
 
 def test_a_ramp_longer_than_the_run_is_warned_and_the_final_weight_logged(toy, tmp_path, caplog):

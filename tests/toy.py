@@ -106,4 +106,4 @@ def full_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tens
     scores[:, 0] = float("-inf")
     target_scores = scores.gather(1, targets.long()[:, None])
     ranks = (scores >= target_scores).sum(1).float()
-    return torch.where(torch.isneginf(target_scores[:, 0]), float("inf"), ranks)
+    return torch.where(torch.isfinite(target_scores[:, 0]), ranks, float("inf"))

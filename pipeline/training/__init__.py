@@ -40,6 +40,10 @@ class TrainConfig:
     cpu_bf16_validation: bool = False
     logq: bool = True  # subtract log p(item) from in-batch logits
     gather_negatives: bool = False  # DDP: candidates from all ranks instead of this rank's batch
+    # A training step whose loss is NaN or inf (divergence): "stop" training there with a message
+    # (the last complete epoch's checkpoint is kept) | "skip" the step, count it (log, dvclive
+    # train/skipped_steps) and go on. Weights that are no longer finite always stop training.
+    non_finite_loss: Literal["stop", "skip"] = "stop"
     select_metric: Literal["hr@10", "ndcg@10"] = "hr@10"  # fused validation score picking the best epoch
     patience: int = 0  # stop after this many epochs without improvement; 0 = never
     eval_batch_size: int = 1024  # users per block in validation ranking
