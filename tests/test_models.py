@@ -183,6 +183,27 @@ def test_fused_score_is_one_inner_product(variant):
     assert torch.allclose(m.user_vectors(sequences[:1, 2:]), users[:1], atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["odmt", "odmt_no_imt", "sasrec_id"])
+def test_the_fused_score_is_the_mean_of_the_branch_scores_of_the_training_pass(variant):
+    """Independent of user_vectors' own scaling: each branch's score from the training pass (its
+    state after the last input item . the item's branch vector), averaged over the branches."""
+    m = model(variant)
+    sequences = torch.tensor([[0, 3, 4, 5, 6], [1, 2, 3, 4, 6]])
+    with torch.no_grad():
+        states, _ = m(torch.nn.functional.pad(sequences, (0, 1)))  # inputs: the sequences; the slot after: unused
+        items = m.item_vectors().unflatten(1, (len(m.branches), -1)).transpose(0, 1)  # (branches, N+1, d)
+        branch_scores = torch.einsum("bud,bnd->bun", states[:, :, -1], items)
+        fused = m.user_vectors(sequences) @ m.item_vectors().T
+    assert torch.allclose(fused, branch_scores.mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["mean_cls", "text_cls", "image_cls"])
+def test_odmt_starts_its_id_table_from_the_content_features(how):
+    m = model(id_init=how)
+    expected = initial_id_table(how, WIDTH, features(4, 6, 1), features(3, 5, 2), torch.zeros(NUM_ITEMS + 1, WIDTH))
+    assert torch.equal(m.items.sources.id_table.weight.detach(), expected.float())
+
+
 @pytest.mark.parametrize("per_slot", [True, False])
 def test_item_dropout_per_slot_or_per_distinct_item(per_slot):
     m = model(dropout_per_slot=per_slot).train()

@@ -83,6 +83,28 @@ def test_gathered_candidates_keep_this_ranks_targets():
     assert batch.blocked[0].tolist() == [False, True, False, True, False, True]  # item 2 blocked in both ranks' slots
 
 
+def test_gathered_negatives_put_each_rows_target_in_this_ranks_own_slots(toy, monkeypatch):
+    """DDP with train.gather_negatives on rank 1 of 2: the candidates are rank 0's slots, then
+    this rank's, so each row's target column is offset by rank 0's slots and holds its own next item."""
+    cfg = toy_config(toy, gather_negatives=True)
+    env, data, model, *_ = set_up(cfg)
+    rank_1 = ddp.Distributed(rank=1, world_size=2, local_rank=0, device=env.device)
+    slots, other_rank = data.train[:4], data.train[4:8]
+    with torch.no_grad():
+        states, vectors = model(slots)
+        _, other_vectors = model(other_rank)
+    monkeypatch.setattr(ddp, "gather", lambda x: torch.cat([other_rank.flatten(), x]))
+    monkeypatch.setattr(ddp, "gather_with_grad", lambda x: torch.cat([other_vectors.flatten(1, 2).transpose(0, 1), x]))
+    seen = []
+    real_in_batch = trainer.in_batch
+    monkeypatch.setattr(trainer, "in_batch", lambda *args: seen.append((args[1], real_in_batch(*args))) or seen[-1][1])
+    trainer.batch_losses(states, vectors, slots, model.branches, cfg, rank_1, None, 0.0)
+    candidates, batch = seen[0]
+    next_items = slots[:, 1:].flatten()[batch.rows]
+    assert torch.equal(candidates[batch.targets], next_items)
+    assert (batch.targets >= other_rank.numel()).all()  # this rank's slots, not rank 0's equal items
+
+
 # --- distillation -----------------------------------------------------------------------------
 
 
@@ -312,6 +334,22 @@ def test_cpu_bf16_runs_the_training_forward_pass_in_bfloat16(toy, monkeypatch):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_under_cpu_bf16_the_loss_is_computed_in_float32_outside_autocast(toy, monkeypatch):
+    """Only the forward pass runs in bfloat16: the step's loss terms are those float32 gives
+    from its outputs (inside autocast the logits' matrix product would be bfloat16)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = toy_config(toy, cpu_bf16=True)
+    env, data, model, optimizer, scaler, autocast, _ = set_up(cfg)
+    outputs = []
+    model.register_forward_hook(lambda _module, _inputs, out: outputs.append([t.detach() for t in out]))
+    slots, log_p = data.train[:8], log_popularity(data.train_counts)
+    step = train_step(model, model, optimizer, scaler, slots, cfg, env, 1.0, log_p, autocast)
+    states, vectors = outputs[0]
+    assert vectors.dtype == torch.bfloat16  # the forward pass was autocast
+    float32_terms = trainer.batch_losses(states, vectors, slots, model.branches, cfg, env, log_p, 1.0)
+    assert step.terms == {name: value.item() for name, value in float32_terms.items()}
+
+
 def test_cpu_bf16_validation_ranks_bfloat16_vectors_each_epoch_and_float32_for_model_pt(toy, tmp_path, monkeypatch):
     """train.cpu_bf16_validation: each epoch's validation computes the item and user vectors in
     bfloat16 (the ranking in float32); the final valid/test metrics of model.pt are float32."""
@@ -444,6 +482,46 @@ def test_model_selection_and_the_evaluate_stage_rank_alike(tmp_path, exclude):
         assert set(metrics[split]) == {"fused", "id", "text", "image"}
         for ranking, values in metrics[split].items():
             assert values == info[split][ranking] == logged[split][ranking], (split, ranking)
+
+
+def test_model_pt_keeps_the_best_epochs_weights_not_the_last(toy, tmp_path, monkeypatch):
+    cfg = toy_config(toy, epochs=3)
+    train(dataclasses.replace(cfg, epochs=2), tmp_path / "two", tmp_path / "two-logs")
+    after_epoch_2 = checkpoint.load(tmp_path / "two/checkpoint.pt")["model"]
+    scripted = iter([0.2, 0.5, 0.3])  # the validation HR@10 of epochs 1, 2, 3: the second is the best
+    real_evaluate = trainer.evaluate
+
+    def evaluate(model, split, batch_size, **kwargs):
+        metrics = real_evaluate(model, split, batch_size, **kwargs)
+        value = next(scripted, None)  # after the epochs: model.pt's metrics, real ones
+        if value is not None:
+            metrics["fused"]["hr@10"] = value
+        return metrics
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    model, info = train(cfg, tmp_path / "three", tmp_path / "three-logs")
+    assert (info["best_epoch"], info["epochs_trained"]) == (2, 3)
+    saved = checkpoint.load(tmp_path / "three/model.pt")["state_dict"]
+    assert all(torch.equal(saved[k], after_epoch_2[k]) for k in after_epoch_2)
+    assert all(torch.equal(value, after_epoch_2[k]) for k, value in model.state_dict().items())
+    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
+    assert info["valid"] == real_evaluate(model, data.valid, cfg.eval_batch_size)
+
+
+def test_the_ramp_weight_scales_the_distillation_terms_of_the_loss(toy, tmp_path):
+    cfg = toy_config(toy, epochs=2)  # ramp 2: weight 0.287 in epoch 1, 1 in epoch 2
+    train(cfg, tmp_path / "run", tmp_path / "logs")
+    curves = {
+        path.stem: [float(line.split("\t")[-1]) for line in path.read_text().splitlines()[1:]]
+        for path in (tmp_path / "logs/plots/metrics/train").glob("*.tsv")
+    }
+    assert {"kd_text_from_id", "kd_image_from_id", "kd_id_from_ens"} <= set(curves)
+    for epoch in (1, 2):
+        weight = curves["kd_weight"][epoch - 1]
+        assert math.isclose(weight, ramp_weight(epoch, 2.0), rel_tol=1e-6)
+        ce = sum(values[epoch - 1] for name, values in curves.items() if name.startswith("ce_"))
+        kd = sum(values[epoch - 1] for name, values in curves.items() if name.startswith("kd_") and name != "kd_weight")
+        assert math.isclose(curves["loss"][epoch - 1], ce + weight * kd, rel_tol=1e-5), epoch
 
 
 def nan_losses_at(monkeypatch, calls: set[int]) -> None:
