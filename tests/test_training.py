@@ -256,6 +256,7 @@ def test_validation_users_all_up_to_the_limit_else_the_same_seeded_sample():
     assert torch.equal(sample, ranked_users(200_000, None, seed=1))  # every epoch, every resume
     assert not torch.equal(sample, ranked_users(200_000, None, seed=2))
     assert len(ranked_users(50, 7, seed=1)) == 7 and ranked_users(5, 7, seed=1) is None
+    assert ranked_users(200_000, "all", seed=1) is None  # the paper's: every user
 
 
 def test_a_validation_sample_is_what_selection_and_model_pt_report(toy, tmp_path, caplog):
@@ -694,8 +695,8 @@ def test_paper_params_are_the_reference_configuration():
     assert (m.variant, m.backbone, m.width, m.text_tokens, m.image_tokens, m.dropout) == ("odmt", "sasrec", 768, 30, 50, 0.1)
     assert (m.imt_layers, m.imt_heads, m.seq_layers, m.seq_heads, m.max_len, m.id_init) == (2, 2, 2, 2, 12, "mean_cls")
     assert (m.id_projection, m.id_scale_sqrt_width, m.id_init_rescale, m.head_init_scale) == (True, False, False, 1.0)
-    assert (m.xavier_init, m.ffn_dropout, m.dropout_per_slot) == ("encoders", False, True)
-    assert paper.modalities == ["id", "text", "image"] and paper.logq
+    assert (m.xavier_init, m.ffn_dropout, m.dropout_per_slot, m.attention_dropout) == ("encoders", False, True, False)
+    assert paper.modalities == ["id", "text", "image"] and paper.logq and paper.valid_users == "all"
     assert load_section(EvaluateConfig, "evaluate", ROOT / "params-paper.yaml").exclude_history == "all"
     # the header's `dvc exp run -S ...` line turns params.yaml's train section into this one
     header = " ".join(line for line in (ROOT / "params-paper.yaml").read_text().splitlines() if line.startswith("#"))

@@ -14,7 +14,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from dvclive import Live
@@ -290,13 +290,13 @@ def batch_losses(states, vectors, slots, branches, cfg: TrainConfig, env, log_p,
 DEFAULT_VALID_USERS = 10_000
 
 
-def ranked_users(num_users: int, valid_users: int | None, seed: int) -> torch.Tensor | None:
+def ranked_users(num_users: int, valid_users: int | Literal["all"] | None, seed: int) -> torch.Tensor | None:
     """The users (row indices, ascending) that validation during training ranks: None = all.
     train.valid_users null: all up to DEFAULT_VALID_USERS, else that many; an integer: that many
-    (all if fewer). A sample is drawn from the seed alone, so every epoch (and a resumed run)
-    ranks the same users."""
+    (all if fewer); "all": all. A sample is drawn from the seed alone, so every epoch (and a
+    resumed run) ranks the same users."""
     wanted = DEFAULT_VALID_USERS if valid_users is None else valid_users
-    if num_users <= wanted:
+    if wanted == "all" or num_users <= wanted:
         return None
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_users, generator=generator)[:wanted].sort().values
