@@ -10,8 +10,9 @@ recall@K against exact search, and reported metrics use the exact index.
 History exclusion (`evaluate.exclude_history`, pipeline/metrics.py: every history item, or all
 but a repeated target): FAISS cannot filter per query, so each query fetches K + (longest
 excluded list in its block) results and drops its own excluded items; at least K unseen items survive whenever the
-catalogue has them. Ties: a list never cuts a group of equal scores at K (search_whole_ties), so the
-evaluate stage ranks a target by the one tie rule of pipeline/metrics.py, as validation does. Padding (item 0) is never added to the index, so it is never returned.
+catalogue has them. Padding (item 0) is never added to the index, so it is never returned.
+Ties: a list never cuts a group of equal scores at K (search_whole_ties), so the evaluate stage
+ranks a target by the one tie rule of pipeline/metrics.py, as validation does.
 Users are scored in blocks of ``user_block_size``: memory grows with the block, not with
 users x items. Histories stay flat arrays with offsets (Ragged) from the Parquet list column to
 the model input: no Python object or loop step per user.
