@@ -1,9 +1,12 @@
 """Metrics from candidates: HR, NDCG and MRR at each cutoff, for the fused ranking and each
 branch, on validation and test, with the protocol written beside the numbers.
 
-A target's rank is its 1-based position in the user's candidate list (history already
-excluded by scoring, over the whole catalogue); a target outside the top K counts as a miss at
-every cutoff, so cutoffs must not exceed K. Metric values are fractions (0..1), means over users.
+A target's rank follows the one tie rule of pipeline/metrics.py, as validation in training does:
+the number of items in the user's candidate list (history already excluded by scoring, over the
+whole catalogue) scoring at least as high as the target, itself included, so an item tied with it
+ranks before it; the lists never cut a tie group at K (scoring.search_whole_ties), so this is the
+rank among all items. A target outside the top K, or with a score that is not finite, counts as a
+miss at every cutoff, so cutoffs must not exceed K. Metric values are fractions (0..1), means over users.
 """
 
 from __future__ import annotations
@@ -32,17 +35,25 @@ class EvaluateConfig:
             raise ValueError(f"ks must be a non-empty list of cutoffs >= 1, got {self.ks}")
 
 
-def target_ranks(items: pa.ListArray | pa.ChunkedArray, targets: np.ndarray) -> np.ndarray:
-    """(U,) float: 1-based position of ``targets[u]`` in candidate list ``items[u]``, inf if absent."""
-    if isinstance(items, pa.ChunkedArray):
-        items = pa.concat_arrays(items.chunks) if items.num_chunks else pa.array([], items.type)
+def target_ranks(items: pa.ListArray | pa.ChunkedArray, scores: pa.ListArray | pa.ChunkedArray, targets: np.ndarray) -> np.ndarray:
+    """(U,) float: rank of ``targets[u]`` in candidate list ``items[u]`` with scores
+    ``scores[u]``: the entries scoring at least as high as it (ties against the target); inf if
+    absent or its score is not finite."""
+    items, scores = _one_chunk(items), _one_chunk(scores)
     offsets = items.offsets.to_numpy()
-    flat = items.flatten().to_numpy()
+    flat_items, flat_scores = items.flatten().to_numpy(), scores.flatten().to_numpy()
     row = np.repeat(np.arange(len(items)), np.diff(offsets))
-    match = np.flatnonzero(flat == targets[row])  # each item appears at most once per list
-    ranks = np.full(len(items), np.inf)
-    ranks[row[match]] = match - offsets[row[match]] + 1
-    return ranks
+    match = np.flatnonzero(flat_items == targets[row])  # each item appears at most once per list
+    target_scores = np.full(len(items), np.nan, dtype=flat_scores.dtype)
+    target_scores[row[match]] = flat_scores[match]
+    at_least = np.bincount(row, weights=flat_scores >= target_scores[row], minlength=len(items))  # NaN: none
+    return np.where(np.isfinite(target_scores), at_least, np.inf)
+
+
+def _one_chunk(lists: pa.ListArray | pa.ChunkedArray) -> pa.ListArray:
+    if isinstance(lists, pa.ChunkedArray):
+        return pa.concat_arrays(lists.chunks) if lists.num_chunks else pa.array([], lists.type)
+    return lists
 
 
 def split_ranks(candidates: pa.Table, users: SplitUsers, ranking: str, source: str) -> np.ndarray:
@@ -55,7 +66,8 @@ def split_ranks(candidates: pa.Table, users: SplitUsers, ranking: str, source: s
         )
     sorter = np.argsort(users.user_idx)
     targets = users.targets[sorter[np.searchsorted(users.user_idx, scored, sorter=sorter)]]
-    return target_ranks(candidates.column(candidate_columns(ranking)[0]), targets)
+    items, scores = candidate_columns(ranking)
+    return target_ranks(candidates.column(items), candidates.column(scores), targets)
 
 
 def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConfig) -> tuple[dict, list[dict]]:
@@ -81,9 +93,9 @@ def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConf
         users = split_users(sequences, split, config.exclude_history)
         result[split] = {}
         for ranking in scoring["rankings"]:
-            # one ranking's item lists at a time, without the scores: at 1M users the whole
-            # candidates table (4 rankings, items and scores) is ~8x what one ranking needs
-            candidates = pq.read_table(path, columns=["user_idx", candidate_columns(ranking)[0]])
+            # one ranking's lists at a time: at 1M users the whole candidates table (4 rankings)
+            # is ~4x what one ranking needs
+            candidates = pq.read_table(path, columns=["user_idx", *candidate_columns(ranking)])
             ranks = split_ranks(candidates, users, ranking, str(path))
             result[split][ranking] = summarize(ranks, tuple(config.ks))
             if ranking == "fused":

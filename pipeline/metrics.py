@@ -3,6 +3,13 @@
 Ranks are 1-based. A target that was not retrieved (outside a candidate list) has rank
 ``inf``, which counts as a miss at every cutoff. Metric values are fractions (0..1), means over
 users; reports multiply by 100 for percent.
+
+The one tie rule, in validation (blocked_ranks) and in the score and evaluate stages alike
+(pipeline/scoring.py, pipeline/evaluation.py): ties count against the target. Its rank is the
+number of ranked items scoring at least as high as it, itself included, so an item sharing the
+target's score (a duplicate item vector, say) is ranked before it, and a model that scores
+everything equal gets the worst rank. A target whose score is not finite (NaN, +-inf: a
+diverged model) is never a hit: rank inf.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ def blocked_ranks(users: torch.Tensor, items: torch.Tensor, targets: torch.Tenso
     users: (U, d); items: (N+1, d), row 0 = padding, never ranked; targets: (U,) item indices
     1..N; excluded: (U, H) item indices never ranked (the user's history under exclude_history;
     0 = padding, ignored). A target among them cannot be hit: rank inf, as when it is missing
-    from a candidate list. Otherwise rank = number of ranked items scoring at least as high as the
-    target (the target included): ties count against the target, so a model that scores
-    everything equal gets the worst rank.
+    from a candidate list; so is a target whose score is not finite. Otherwise rank = number of
+    ranked items scoring at least as high as the target (the target included): the module's tie
+    rule. A NaN item score never counts against a target (NaN >= s is false).
 
     The items are scored in blocks of
     item_block_size rows: a first pass takes each target's score from its block, a second counts
@@ -61,7 +68,8 @@ def blocked_ranks(users: torch.Tensor, items: torch.Tensor, targets: torch.Tenso
         if len(starts) > 1:  # one block: still the one just computed
             block = _ranked_block(users @ items[start : start + item_block_size].T, start, excluded)
         counts += (block >= target_scores[:, None]).sum(1)
-    return torch.where(torch.isneginf(target_scores), float("inf"), counts.float())
+    # -inf: excluded or padding; NaN or +inf: a diverged model, whose "rank" would be 0 or 1
+    return torch.where(torch.isfinite(target_scores), counts.float(), float("inf"))
 
 
 def _ranked_block(scores: torch.Tensor, start: int, excluded: torch.Tensor) -> torch.Tensor:

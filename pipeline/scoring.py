@@ -11,6 +11,8 @@ History exclusion (`evaluate.exclude_history`, pipeline/metrics.py: every histor
 but a repeated target): FAISS cannot filter per query, so each query fetches K + (longest
 excluded list in its block) results and drops its own excluded items; at least K unseen items survive whenever the
 catalogue has them. Padding (item 0) is never added to the index, so it is never returned.
+Ties: a list never cuts a group of equal scores at K (search_whole_ties), so the evaluate stage
+ranks a target by the one tie rule of pipeline/metrics.py, as validation does.
 Users are scored in blocks of ``user_block_size``: memory grows with the block, not with
 users x items. Histories stay flat arrays with offsets (Ragged) from the Parquet list column to
 the model input: no Python object or loop step per user.
@@ -54,7 +56,8 @@ def candidate_columns(ranking: str) -> tuple[str, str]:
 
 def candidates_schema(rankings: list[str]) -> pa.Schema:
     """One row per user, in split order. Per ranking ("fused", then one per branch of a
-    multi-branch model): items = item indices best first (never history, never padding),
+    multi-branch model): items = item indices best first (never history, never padding; fewer
+    than K where the catalogue has fewer or a tie group straddled the K-th place),
     scores = the model's scores for them (fused: mean of branch scores; a branch: its own)."""
     fields = [pa.field("user_idx", pa.int32(), nullable=False)]
     for ranking in rankings:
@@ -310,7 +313,8 @@ def search_unseen(index: SearchIndex, queries: np.ndarray, excluded: Ragged, k: 
     """Top-k items per query, best first, skipping the query's row of ``excluded``.
 
     Returns items (B, k) int32 and scores (B, k) float32; a row has fewer than k real items
-    only when the index returned fewer unseen ones, the rest is item 0 with score -inf.
+    only when the index returned fewer unseen ones (or items scored NaN or +-inf, which are
+    never returned: a diverged model's scores are never hits), the rest is item 0 with score -inf.
     """
     fetch = min(k + int(excluded.lengths().max(initial=0)), index.ntotal)
     scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
@@ -319,7 +323,7 @@ def search_unseen(index: SearchIndex, queries: np.ndarray, excluded: Ragged, k: 
     width = index.ntotal + 1
     seen_keys = excluded.row_ids() * width + excluded.values
     found_keys = np.arange(len(items))[:, None] * width + items
-    keep = (items > 0) & ~np.isin(found_keys, seen_keys)
+    keep = (items > 0) & np.isfinite(scores) & ~np.isin(found_keys, seen_keys)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept results first, order preserved
     kept = np.take_along_axis(keep, order, axis=1)
     top_items = np.where(kept, np.take_along_axis(items, order, axis=1), 0).astype(np.int32)
@@ -329,6 +333,19 @@ def search_unseen(index: SearchIndex, queries: np.ndarray, excluded: Ragged, k: 
         top_items = np.pad(top_items, ((0, 0), (0, pad)))
         top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
     return top_items, top_scores
+
+
+def search_whole_ties(index: SearchIndex, queries: np.ndarray, excluded: Ragged, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """search_unseen's top k, less any group of items tied at the cut: when the k-th and the
+    (k+1)-th unseen items score the same, every item with that score leaves the row. So a listed
+    item's whole tie group is listed, and a target's rank under the tie rule of
+    pipeline/metrics.py (ties against it: the listed items scoring at least as high) is exact at
+    every cutoff up to k; a target of a dropped group ranks beyond k under that rule anyway."""
+    items, scores = search_unseen(index, queries, excluded, k + 1)
+    cut = scores[:, k - 1]
+    straddles = (items[:, k] > 0) & (scores[:, k] == cut)
+    dropped = straddles[:, None] & (scores[:, :k] == cut[:, None])
+    return np.where(dropped, 0, items[:, :k]), np.where(dropped, -np.inf, scores[:, :k]).astype(np.float32)
 
 
 def recall_against(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -438,9 +455,9 @@ def score_split(
             rows = {"user_idx": pa.array(users.user_idx[block], pa.int32())}
             for name, (cols, factor) in columns.items():
                 queries = vectors[:, cols] * np.float32(factor)
-                items, scores = search_unseen(indexes.searched[name], queries, excluded, config.k)
+                items, scores = search_whole_ties(indexes.searched[name], queries, excluded, config.k)
                 if indexes.exact is not None:
-                    exact_items, _ = search_unseen(indexes.exact[name], queries, excluded, config.k)
+                    exact_items, _ = search_whole_ties(indexes.exact[name], queries, excluded, config.k)
                     recall_hits[name].append(recall_against(items, exact_items) * len(items))
                 items_col, scores_col = candidate_columns(name)
                 rows[items_col], rows[scores_col] = _ragged(items, scores)
@@ -452,7 +469,7 @@ def score_split(
 
 def _ragged(items: np.ndarray, scores: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
     """Fixed-width search results as list columns, minus the empty slots (item 0) that a
-    too-small catalogue leaves."""
+    too-small catalogue or a tie group dropped at the cut leaves."""
     real = items > 0
     offsets = pa.array(np.concatenate([[0], np.cumsum(real.sum(axis=1))]), pa.int32())
     return (

@@ -74,7 +74,20 @@ def write_candidates(root, rankings=("fused", "id"), exclude_history="all") -> N
 
 def test_target_ranks_rank_1_10_11_and_missing():
     lists = pa.array([ranked_list(t, r) for t, r in TARGET_RANKS.items()], pa.list_(pa.int32()))
-    assert target_ranks(lists, np.array(list(TARGET_RANKS))).tolist() == [1, 10, 11, math.inf]
+    scores = pa.array([np.linspace(1, 0, K)] * len(TARGET_RANKS), pa.list_(pa.float32()))
+    assert target_ranks(lists, scores, np.array(list(TARGET_RANKS))).tolist() == [1, 10, 11, math.inf]
+
+
+def test_ties_count_against_the_target_and_a_nan_score_is_never_a_hit():
+    # the list order puts each target first among its ties (as FAISS's order may); the rule does not
+    lists = pa.array([[7, 8, 9], [5, 6, 4], [3, 2, 1], [1, 2, 3], []], pa.list_(pa.int32()))
+    scores = pa.array(
+        [[0.9, 0.5, 0.5], [2.0, 2.0, 2.0], [float("nan"), 0.4, 0.1], [0.3, 0.2, 0.1], []], pa.list_(pa.float32())
+    )
+    targets = np.array([8, 5, 3, 4, 1])
+    # user 0: 8 ties with 9 -> rank 3; user 1: three-way tie -> 3; user 2: NaN target score;
+    # user 3: target absent; user 4: an empty list (a NaN user vector: search_unseen returns nothing)
+    assert target_ranks(lists, scores, targets).tolist() == [3, 3, math.inf, math.inf, math.inf]
 
 
 def test_metrics_match_hand_computed_values(tmp_path):

@@ -95,11 +95,12 @@ def test_padded_text_features_change_nothing_through_the_model():
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("ffn_dropout", [False, True])
-def test_a_block_computing_some_query_rows_gives_those_rows_of_the_full_block(training, ffn_dropout):
+@pytest.mark.parametrize("attention_dropout", [False, True])
+def test_a_block_computing_some_query_rows_gives_those_rows_of_the_full_block(training, ffn_dropout, attention_dropout):
     """The IMT's last block computes only its output tokens' rows; in training it draws the
     whole block's dropout noise, so the rows AND the random stream after it are the full block's."""
     torch.manual_seed(0)
-    block = TransformerBlock(WIDTH, heads=2, dropout=0.3, ffn_dropout=ffn_dropout).train(training)
+    block = TransformerBlock(WIDTH, heads=2, dropout=0.3, ffn_dropout=ffn_dropout, attention_dropout=attention_dropout).train(training)
     x = torch.randn(4, 7, WIDTH)
     allowed = imt_attention_mask(torch.tensor([[True] * 3 + [False]] * 4), num_image_tokens=2, id_aware=True)
     queries = torch.tensor([0, 4, 6])
@@ -183,6 +184,27 @@ def test_fused_score_is_one_inner_product(variant):
     assert torch.allclose(m.user_vectors(sequences[:1, 2:]), users[:1], atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["odmt", "odmt_no_imt", "sasrec_id"])
+def test_the_fused_score_is_the_mean_of_the_branch_scores_of_the_training_pass(variant):
+    """Independent of user_vectors' own scaling: each branch's score from the training pass (its
+    state after the last input item . the item's branch vector), averaged over the branches."""
+    m = model(variant)
+    sequences = torch.tensor([[0, 3, 4, 5, 6], [1, 2, 3, 4, 6]])
+    with torch.no_grad():
+        states, _ = m(torch.nn.functional.pad(sequences, (0, 1)))  # inputs: the sequences; the slot after: unused
+        items = m.item_vectors().unflatten(1, (len(m.branches), -1)).transpose(0, 1)  # (branches, N+1, d)
+        branch_scores = torch.einsum("bud,bnd->bun", states[:, :, -1], items)
+        fused = m.user_vectors(sequences) @ m.item_vectors().T
+    assert torch.allclose(fused, branch_scores.mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["mean_cls", "text_cls", "image_cls"])
+def test_odmt_starts_its_id_table_from_the_content_features(how):
+    m = model(id_init=how)
+    expected = initial_id_table(how, WIDTH, features(4, 6, 1), features(3, 5, 2), torch.zeros(NUM_ITEMS + 1, WIDTH))
+    assert torch.equal(m.items.sources.id_table.weight.detach(), expected.float())
+
+
 @pytest.mark.parametrize("per_slot", [True, False])
 def test_item_dropout_per_slot_or_per_distinct_item(per_slot):
     m = model(dropout_per_slot=per_slot).train()
@@ -256,7 +278,20 @@ def test_the_branch_encoders_share_no_parameters():
 def test_switch_defaults_are_the_reference():
     cfg = ModelConfig()
     assert (cfg.id_projection, cfg.id_scale_sqrt_width, cfg.id_init_rescale, cfg.head_init_scale) == (True, False, False, 1.0)
-    assert (cfg.xavier_init, cfg.ffn_dropout, cfg.dropout_per_slot) == ("encoders", False, True)
+    assert (cfg.xavier_init, cfg.ffn_dropout, cfg.dropout_per_slot, cfg.attention_dropout) == ("encoders", False, True, False)
+
+
+def test_attention_dropout_switch():
+    """With the residual dropout off, a training block differs from its eval self only by the
+    dropout on the attention weights (the rows-only path draws the same: the test above)."""
+    x, allowed = torch.randn(4, 6, WIDTH), torch.ones(1, 6, 6, dtype=torch.bool)
+    for switch in (False, True):
+        torch.manual_seed(0)
+        block = TransformerBlock(WIDTH, heads=2, dropout=0.5, attention_dropout=switch)
+        block.drop = torch.nn.Identity()
+        assert torch.allclose(block.train()(x, allowed), block.eval()(x, allowed), atol=1e-6) != switch
+    m = model(attention_dropout=True)
+    assert all(block.attention_dropout == 0.1 for block in m.modules() if isinstance(block, TransformerBlock))
 
 
 def test_id_projection_and_sqrt_width_scale():

@@ -30,6 +30,7 @@ from pipeline.scoring import (
     score_run,
     search_engine,
     search_unseen,
+    search_whole_ties,
     split_users,
 )
 from pipeline.training.trainer import train
@@ -134,6 +135,28 @@ def test_history_is_never_returned_and_k_items_come_back_when_the_catalogue_has_
         assert not set(real.tolist()) & set(history.tolist())
         assert len(set(real.tolist())) == len(real)
         assert np.all(np.diff(scores[row, :available]) <= 0) and np.all(np.isneginf(scores[row, available:]))
+
+
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+def test_a_tie_group_at_the_cut_leaves_the_list_whole(engine):
+    # items 1..6 score 6, 5, 4, 4, 4, 1 for the one query (small integers: exact in float32)
+    vectors = np.array([[6, 0], [5, 0], [4, 0], [4, 0], [4, 0], [1, 0]], dtype=np.float32)
+    index = build_index(vectors, IndexConfig()) if engine == "faiss" else TorchFlatIndex(vectors, "cpu", item_block_size=2)
+    query, nothing_seen = np.array([[1, 0]], dtype=np.float32), ragged([[]])
+    items, scores = search_whole_ties(index, query, nothing_seen, 3)  # the 3-way tie straddles places 3 and 4
+    assert items[0, :2].tolist() == [1, 2] and items[0, 2] == 0 and np.isneginf(scores[0, 2])
+    items, _ = search_whole_ties(index, query, nothing_seen, 5)  # the whole group fits
+    assert items[0, :2].tolist() == [1, 2] and sorted(items[0, 2:].tolist()) == [3, 4, 5]
+    items, _ = search_whole_ties(index, query, ragged([[4]]), 4)  # item 4 seen: 1, 2, 3, 5 are not cut
+    assert items[0].tolist()[:2] == [1, 2] and sorted(items[0, 2:].tolist()) == [3, 5]
+
+
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+def test_items_scored_nan_are_never_returned(engine):
+    vectors = np.array([[1, 0], [2, 0], [np.nan, 0], [3, 0]], dtype=np.float32)
+    index = build_index(vectors, IndexConfig()) if engine == "faiss" else TorchFlatIndex(vectors, "cpu")
+    items, _ = search_unseen(index, np.array([[1, 0], [np.nan, 0]], dtype=np.float32), ragged([[], []]), 2)
+    assert 3 not in items[0] and items[1].tolist() == [0, 0]  # a NaN user vector: nothing, so no hit
 
 
 def test_metrics_do_not_depend_on_the_user_block_size(tmp_path):

@@ -4,7 +4,8 @@
 root/ingest/{items,sequences,popularity}.parquet and root/features/{text,image}.parquet,
 with a learnable signal (each user walks through the catalogue in steps of one or two).
 `repeated_targets` users get validation and test targets taken from their own training history
-(repeat consumption).
+(repeat consumption). The first `duplicate_texts` even items get the text features of the item
+before them (duplicate titles: equal text vectors, exact score ties in a text ranking).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def make_toy_dataset(
     image_shape: tuple[int, int] = (3, 5),
     seed: int = 0,
     repeated_targets: int = 0,
+    duplicate_texts: int = 0,
 ) -> Path:
     rng = np.random.default_rng(seed)
     ingest, features = root / "ingest", root / "features"
@@ -60,6 +62,8 @@ def make_toy_dataset(
 
     for name, (num_tokens, dim) in (("text", text_shape), ("image", image_shape)):
         tokens = rng.standard_normal((num_items, num_tokens * dim)).astype(np.float16)
+        if name == "text":
+            tokens[1 : 2 * duplicate_texts : 2] = tokens[0 : 2 * duplicate_texts : 2]
         mask = np.ones((num_items, num_tokens), dtype=bool)
         mask[::3, -1] = False  # some padded text tokens
         present = np.ones(num_items, dtype=bool)
@@ -99,4 +103,4 @@ def full_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tens
     scores[:, 0] = float("-inf")
     target_scores = scores.gather(1, targets.long()[:, None])
     ranks = (scores >= target_scores).sum(1).float()
-    return torch.where(torch.isneginf(target_scores[:, 0]), float("inf"), ranks)
+    return torch.where(torch.isfinite(target_scores[:, 0]), ranks, float("inf"))

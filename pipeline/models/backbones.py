@@ -35,12 +35,12 @@ class SASRec(CausalEncoder):
     the reference's are for its fixed-length left-padded input; a shorter input is the same
     sequence with less padding."""
 
-    def __init__(self, width: int, max_len: int, layers: int, heads: int, dropout: float, ffn_dropout: bool = False):
+    def __init__(self, width: int, max_len: int, layers: int, heads: int, dropout: float, ffn_dropout: bool = False, attention_dropout: bool = False):
         super().__init__()
         self.positions = nn.Embedding(max_len, width)
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, ffn_dropout=ffn_dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, ffn_dropout=ffn_dropout, attention_dropout=attention_dropout) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, real: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """last_only: the last block computes the last position's row alone -> (B, 1, d)."""
@@ -109,9 +109,11 @@ def roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand_as(x))
 
 
-def build_backbone(name: str, width: int, max_len: int, layers: int, heads: int, dropout: float, ffn_dropout: bool = False) -> CausalEncoder:
+def build_backbone(
+    name: str, width: int, max_len: int, layers: int, heads: int, dropout: float, ffn_dropout: bool = False, attention_dropout: bool = False
+) -> CausalEncoder:
     if name == "sasrec":
-        return SASRec(width, max_len, layers, heads, dropout, ffn_dropout)
+        return SASRec(width, max_len, layers, heads, dropout, ffn_dropout, attention_dropout)
     if name == "gru4rec":
         return GRU4Rec(width, layers, dropout)
     if name == "nextitnet":

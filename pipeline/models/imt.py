@@ -39,13 +39,14 @@ class IDAwareMultimodalTransformer(nn.Module):
         id_aware: bool = True,
         ffn_dropout: bool = False,
         outputs_only: bool = False,
+        attention_dropout: bool = False,
     ):
         """outputs_only: the last block computes only the rows of the output tokens (the same
         math and random stream, other float rounding)."""
         super().__init__()
         self.id_aware, self.outputs_only = id_aware, outputs_only
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, eps=1e-6, ffn_dropout=ffn_dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, 1e-6, ffn_dropout, attention_dropout) for _ in range(layers))
 
     def forward(
         self, text: torch.Tensor | None, text_mask: torch.Tensor | None, image: torch.Tensor | None, ident: torch.Tensor | None

@@ -168,12 +168,13 @@ class IMTItems(nn.Module):
         id_aware: bool,
         ffn_dropout: bool = False,
         fast: bool = False,
+        attention_dropout: bool = False,
     ):
         """fast: each distinct item of a call projected once, the IMT's last block computed at its
         output tokens only (the same math, other float rounding)."""
         super().__init__()
         self.sources, self.branches, self.fast = sources, sources.present(), fast
-        self.imt = IDAwareMultimodalTransformer(width, layers, heads, dropout, id_aware, ffn_dropout, outputs_only=fast)
+        self.imt = IDAwareMultimodalTransformer(width, layers, heads, dropout, id_aware, ffn_dropout, fast, attention_dropout)
         self.heads = nn.ModuleDict({b: mlp(width, width) for b in self.branches})
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,15 @@ from torch import nn
 class TransformerBlock(nn.Module):
     """Post-LayerNorm transformer block: bias-free Q/K/V/O attention, FFN 4d with ReLU.
 
-    ffn_dropout: a dropout between the FFN's two layers too (ours; the reference has none)."""
+    ffn_dropout: a dropout between the FFN's two layers too (ours; the reference has none).
+    attention_dropout: a dropout on the attention weights too (ours; the reference has none)."""
 
-    def __init__(self, width: int, heads: int, dropout: float, eps: float = 1e-6, ffn_dropout: bool = False):
+    def __init__(self, width: int, heads: int, dropout: float, eps: float = 1e-6, ffn_dropout: bool = False, attention_dropout: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads, self.dropout = heads, dropout
+        self.attention_dropout = dropout if attention_dropout else 0.0
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
         inner = nn.Dropout(dropout) if ffn_dropout else nn.Identity()
@@ -36,7 +38,7 @@ class TransformerBlock(nn.Module):
         n, s, d = x.shape
         if queries is None:
             q, k, v = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=self.attention_dropout if self.training else 0.0)
             x = self.norm_attn(x + self.drop(self.out(attended.transpose(1, 2).reshape(n, s, d))))
             return self.norm_ffn(x + self.drop(self.ffn(x)))
         head = d // self.heads
@@ -54,7 +56,7 @@ class TransformerBlock(nn.Module):
 
     def _attention_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, queries: torch.Tensor, keys: int) -> torch.Tensor:
         """Attention of the query rows q (n, h, Q, hd) over all keys; allowed (n or 1, Q, S)."""
-        if not (self.training and self.dropout > 0):
+        if not (self.training and self.attention_dropout > 0):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
         # nan_to_num: a query that sees no key attends to nothing, as in scaled_dot_product_attention.

@@ -94,6 +94,7 @@ class ModelConfig:
     head_init_scale: float = 1.0  # the last Linear of each item head initialised x this
     xavier_init: Literal["encoders", "all"] = "encoders"  # xavier-normal on the sequence encoders only, or every Linear/Embedding
     ffn_dropout: bool = False  # a dropout between the two layers of every transformer FFN
+    attention_dropout: bool = False  # a dropout on the attention weights of every transformer block
     dropout_per_slot: bool = True  # training: every slot of an item draws its own dropout mask (false: one per distinct item of a batch)
     # Speed and memory of the IMT (README "Training speed and memory"):
     # Each distinct item of a batch projected once, the IMT's last block computed at its output
@@ -163,13 +164,13 @@ class ODMT(SequentialRecommender):
             id_scale_sqrt_width=cfg.id_scale_sqrt_width,
         )
         if variant.items == "imt":
-            self.items = IMTItems(item_sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware, cfg.ffn_dropout, cfg.fast_item_encoder)
+            self.items = IMTItems(item_sources, cfg.width, cfg.imt_layers, cfg.imt_heads, cfg.dropout, variant.id_aware, cfg.ffn_dropout, cfg.fast_item_encoder, cfg.attention_dropout)
         elif variant.items == "late":
             self.items = LateFusionItems(item_sources, cfg.width, self.branches)
         else:
             self.items = EarlyFusionItems(item_sources, cfg.width, "sum" if variant.items == "early_sum" else "concat")
         self.encoders = nn.ModuleList(
-            build_backbone(cfg.backbone, cfg.width, cfg.max_len, cfg.seq_layers, cfg.seq_heads, cfg.dropout, cfg.ffn_dropout)
+            build_backbone(cfg.backbone, cfg.width, cfg.max_len, cfg.seq_layers, cfg.seq_heads, cfg.dropout, cfg.ffn_dropout, cfg.attention_dropout)
             for _ in self.branches
         )
         (self if cfg.xavier_init == "all" else self.encoders).apply(init_weights)

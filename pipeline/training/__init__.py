@@ -40,13 +40,18 @@ class TrainConfig:
     cpu_bf16_validation: bool = False
     logq: bool = True  # subtract log p(item) from in-batch logits
     gather_negatives: bool = False  # DDP: candidates from all ranks instead of this rank's batch
+    # A training step whose loss is NaN or inf (divergence): "stop" training there with a message
+    # (the last complete epoch's checkpoint is kept) | "skip" the step, count it (log, dvclive
+    # train/skipped_steps) and go on. Weights that are no longer finite always stop training.
+    non_finite_loss: Literal["stop", "skip"] = "stop"
     select_metric: Literal["hr@10", "ndcg@10"] = "hr@10"  # fused validation score picking the best epoch
     patience: int = 0  # stop after this many epochs without improvement; 0 = never
     eval_batch_size: int = 1024  # users per block in validation ranking
     # Users ranked by validation every epoch, and behind model.pt's valid/test metrics: None = all
     # up to 10,000, else a sample of 10,000 seeded from `seed`; an integer = that many (all if
-    # fewer). The same users every epoch. The evaluate stage always reports all users.
-    valid_users: int | None = None
+    # fewer); "all" = every user (the paper). The same users every epoch. The evaluate stage
+    # always reports all users.
+    valid_users: int | Literal["all"] | None = None
     sequences: str = "data/ingest/sequences.parquet"
     popularity: str = "data/ingest/popularity.parquet"
     text_features: str = "data/features/text"  # feature store folders
@@ -59,7 +64,7 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "clip_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.valid_users is not None and self.valid_users < 1:
+        if self.valid_users not in (None, "all") and self.valid_users < 1:
             raise ValueError(f"valid_users must be null or >= 1, got {self.valid_users}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")

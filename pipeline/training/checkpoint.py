@@ -36,7 +36,12 @@ TRAIN_CODE = (
     "pipeline/metrics.py",
     "pipeline/scoring.py",
     "pipeline/evaluation.py",
+    "pipeline/features/__init__.py",
+    "pipeline/features/cache.py",
     "pipeline/features/store.py",
+    "pipeline/io.py",
+    "pipeline/progress.py",
+    "pipeline/schema.py",
 )
 
 

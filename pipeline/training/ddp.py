@@ -72,3 +72,12 @@ def mean_over_ranks(values: dict[str, float], env: Distributed) -> dict[str, flo
     tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=env.device)
     dist.all_reduce(tensor)
     return dict(zip(values, (tensor / env.world_size).tolist()))
+
+
+def all_ranks(flag: bool, env: Distributed) -> bool:
+    """Whether ``flag`` holds on every rank (one small all-reduce under DDP)."""
+    if not env.enabled:
+        return flag
+    tensor = torch.tensor([int(flag)], device=env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())

@@ -9,11 +9,12 @@ checkpoint holds: a resumed run repeats the uninterrupted one bit for bit on CPU
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from dvclive import Live
@@ -72,6 +73,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         weight = ramp_weight(epoch, cfg.distill.ramp) if distill else 0.0
         started = time.perf_counter()
         losses = _train_epoch(net, model, optimizer, scaler, data.train, cfg, env, epoch, weight, log_p, autocast, progress)
+        _check_finite_weights(model, epoch)
         seconds = time.perf_counter() - started
         valid = evaluate(model, valid_split, cfg.eval_batch_size, autocast=validation_autocast(cfg, env.device))
         score = valid["fused"][cfg.select_metric]
@@ -193,33 +195,79 @@ def _log_plan(cfg: TrainConfig, model: ODMT, sources: Sources, distill: bool) ->
 
 
 def _train_epoch(net, model: ODMT, optimizer, scaler, train: torch.Tensor, cfg: TrainConfig, env, epoch: int, weight: float, log_p, autocast: torch.dtype | None, progress: Progress) -> dict[str, float]:
+    """The epoch's mean loss terms over its stepped batches, and under train.non_finite_loss
+    skip the count of batches skipped for a non-finite loss ("skipped_steps")."""
     net.train()
     batches = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, env.rank, env.world_size)
     sums: dict[str, float] = defaultdict(float)
-    for rows in batches:
-        terms, loss = train_step(net, model, optimizer, scaler, train[rows].to(env.device), cfg, env, weight, log_p, autocast)
-        sums["loss"] += loss
-        for name, value in terms.items():
-            sums[name] += value
+    skipped = 0
+    for number, rows in enumerate(batches, 1):
+        step = train_step(net, model, optimizer, scaler, train[rows].to(env.device), cfg, env, weight, log_p, autocast)
         progress.update(len(rows))
-    return ddp.mean_over_ranks({k: v / len(batches) for k, v in sums.items()}, env)
+        if not step.stepped:
+            if cfg.non_finite_loss == "stop":
+                raise FloatingPointError(
+                    f"epoch {epoch}, step {number} of {len(batches)}: the training loss is not finite ({_describe(step)}); "
+                    "training diverged and was stopped before the step. The checkpoint of the last complete epoch is kept. "
+                    "Lower train.lr, keep train.clip_norm above 0, or set train.non_finite_loss: skip to skip such steps "
+                    "and count them"
+                )
+            skipped += 1
+            continue
+        sums["loss"] += step.loss
+        for name, value in step.terms.items():
+            sums[name] += value
+    stepped = len(batches) - skipped
+    means = {k: v / stepped for k, v in sums.items()} if stepped else {"loss": math.nan}
+    if cfg.non_finite_loss == "skip":
+        if skipped:
+            log.warning("epoch %d: %d of %d steps skipped for a non-finite loss (train.non_finite_loss: skip)", epoch, skipped, len(batches))
+        means["skipped_steps"] = float(skipped)
+    return ddp.mean_over_ranks(means, env)
 
 
-def train_step(net, model: ODMT, optimizer, scaler, slots: torch.Tensor, cfg: TrainConfig, env, weight: float, log_p, autocast: torch.dtype | None) -> tuple[dict[str, float], float]:
-    """One optimiser step on a batch of training slots; returns its loss terms and total loss.
-    The forward pass runs under ``autocast`` (None: float32); the logits are float32 (branch_logits)."""
+def _check_finite_weights(model: ODMT, epoch: int) -> None:
+    """Stop when a weight went NaN or inf although every loss was finite (an infinite gradient,
+    say): no later step or skip can repair it, and such weights must never be kept as the best."""
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
+    if not finite.all():
+        names = [name for (name, _), ok in zip(model.named_parameters(), finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"epoch {epoch}: {len(names)} weight tensors hold NaN or inf ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
+            "although every loss was finite: training diverged. The checkpoint of the last complete epoch is kept; "
+            "lower train.lr or keep train.clip_norm above 0"
+        )
+
+
+def _describe(step: Step) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in {"loss": step.loss, **step.terms}.items())
+
+
+class Step(NamedTuple):
+    terms: dict[str, float]  # each loss term of the batch
+    loss: float  # their weighted sum, the loss minimised
+    stepped: bool  # False: the loss was not finite (on some rank), the weights were left as they were
+
+
+def train_step(net, model: ODMT, optimizer, scaler, slots: torch.Tensor, cfg: TrainConfig, env, weight: float, log_p, autocast: torch.dtype | None) -> Step:
+    """One optimiser step on a batch of training slots: its loss terms and total loss. The
+    forward pass runs under ``autocast`` (None: float32); the logits are float32 (branch_logits).
+    A loss that is not finite, on this rank or another, takes no step (the caller stops or skips)."""
     with torch.autocast(env.device.type, dtype=autocast, enabled=autocast is not None):
         states, vectors = net(slots)
     terms = batch_losses(states, vectors, slots, model.branches, cfg, env, log_p, weight)
     loss = sum(v for k, v in terms.items() if k.startswith("ce_")) + weight * sum(v for k, v in terms.items() if k.startswith("kd_"))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    step = Step({name: value.item() for name, value in terms.items()}, loss.item(), True)
+    if not ddp.all_ranks(math.isfinite(step.loss), env):  # every rank skips the same steps
+        return step._replace(stepped=False)
     if cfg.clip_norm > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
     scaler.step(optimizer)
     scaler.update()
-    return {name: value.item() for name, value in terms.items()}, loss.item()
+    return step
 
 
 def batch_losses(states, vectors, slots, branches, cfg: TrainConfig, env, log_p, weight: float) -> dict[str, torch.Tensor]:
@@ -242,13 +290,13 @@ def batch_losses(states, vectors, slots, branches, cfg: TrainConfig, env, log_p,
 DEFAULT_VALID_USERS = 10_000
 
 
-def ranked_users(num_users: int, valid_users: int | None, seed: int) -> torch.Tensor | None:
+def ranked_users(num_users: int, valid_users: int | Literal["all"] | None, seed: int) -> torch.Tensor | None:
     """The users (row indices, ascending) that validation during training ranks: None = all.
     train.valid_users null: all up to DEFAULT_VALID_USERS, else that many; an integer: that many
-    (all if fewer). A sample is drawn from the seed alone, so every epoch (and a resumed run)
-    ranks the same users."""
+    (all if fewer); "all": all. A sample is drawn from the seed alone, so every epoch (and a
+    resumed run) ranks the same users."""
     wanted = DEFAULT_VALID_USERS if valid_users is None else valid_users
-    if num_users <= wanted:
+    if wanted == "all" or num_users <= wanted:
         return None
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_users, generator=generator)[:wanted].sort().values
