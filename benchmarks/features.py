@@ -60,7 +60,7 @@ import synthetic  # noqa: E402  (benchmarks/synthetic.py)
 import compare  # noqa: E402  (benchmarks/compare.py)
 import layouts  # noqa: E402  (benchmarks/layouts.py)
 from pipeline import schema  # noqa: E402
-from pipeline.features import time_shares  # noqa: E402
+from pipeline.features.extraction import time_shares  # noqa: E402
 from pipeline.features.store import INDEX, load_token_features  # noqa: E402
 from pipeline.features.image import ImageFeaturesConfig, extract_image_features  # noqa: E402
 from pipeline.features.text import TextFeaturesConfig, extract_text_features, resolve_model  # noqa: E402

@@ -3,7 +3,7 @@
     python benchmarks/instant_features.py --modality image [--code CHECKOUT] [--input data/ingest/images.parquet]
                                           [--out data/features/image] [--chunk-size 1024] [--batch-size 256]
 
-Runs `pipeline.features.extract` of --code (default: this checkout), the loop both feature stages
+Runs `pipeline.features.extraction.extract` of --code (default: this checkout), the loop both feature stages
 run (keys, the store's parts and index; in checkouts before the store, its cache parts and the
 final single file), on the stage's real input file, with an encoder that hands back random
 float16 tokens of the stage's default shape at once (text 30 x 384, image 50 x 1280), from a pool
@@ -73,7 +73,10 @@ def main() -> None:
     parser.add_argument("--params", help="ignored (scale.py passes every stage its params file)")
     args = parser.parse_args()
     sys.path.insert(0, str(args.code.resolve()))
-    from pipeline.features import extract
+    try:
+        from pipeline.features.extraction import extract
+    except ImportError:  # checkouts before the store kept the loop in the package's __init__.py
+        from pipeline.features import extract
 
     # before the store, a feature stage wrote one file and a cache folder of its own (both outputs)
     old_layout = "cache_dir" in inspect.signature(extract).parameters

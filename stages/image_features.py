@@ -9,7 +9,7 @@ from _common import stage_args
 
 from pipeline.config import load_section
 from pipeline.features.image import ImageFeaturesConfig, extract_image_features
-from pipeline.training import ddp
+from pipeline import ddp
 
 
 def paths(parser):

@@ -22,7 +22,7 @@ from pipeline.config import load_section
 from pipeline.evaluation import EvaluateConfig
 from pipeline.scoring import ScoreConfig, score_run
 from pipeline.training import load_trained
-from pipeline.training.ddp import cleanup, setup
+from pipeline.ddp import cleanup, setup
 
 args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
 config = load_section(ScoreConfig, "score", args.params)

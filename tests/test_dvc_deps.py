@@ -83,15 +83,7 @@ def stage_definition(stage: dict) -> dict:
     return stage.get("do", stage)  # foreach stages keep cmd and deps under `do`
 
 
-# Entries being rewritten on another branch (issue 19, the feature storage): the merge settles
-# them; strict, so that a fixed entry fails here until its name leaves this set.
-REWRITTEN_ELSEWHERE = {"text_features", "image_features"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 19 rewrites it")) if n in REWRITTEN_ELSEWHERE else n for n in sorted(stages())],
-)
+@pytest.mark.parametrize("name", sorted(stages()))
 def test_a_stage_lists_exactly_the_code_its_script_runs(name):
     stage = stage_definition(stages()[name])
     scripts = re.findall(r"stages/\w+\.py", stage["cmd"])

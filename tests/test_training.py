@@ -26,7 +26,8 @@ from pipeline.metrics import blocked_ranks, hit_rate, mrr, ndcg, summarize
 from pipeline.models import odmt
 from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
-from pipeline.training import TrainConfig, build_model, checkpoint, ddp, load_trained, trainer
+from pipeline import ddp
+from pipeline.training import TrainConfig, build_model, checkpoint, load_trained, trainer
 from pipeline.scoring import left_pad
 from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import sha256
+from .extraction import sha256
 
 
 def package_weights_file(package: str) -> Path:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..images import BOMB, ImageRefused, open_image
 from ..progress import log
-from . import PACKAGE_PREFIX, absent_mask, autocast, available_cores, extract, inference_device, sha256
+from .extraction import PACKAGE_PREFIX, absent_mask, autocast, available_cores, extract, inference_device, sha256
 from .efficientnet_lite import load_package_weights
 
 RESAMPLE = {name: getattr(Image.Resampling, name.upper()) for name in ("bicubic", "bilinear", "lanczos", "nearest")}

@@ -33,7 +33,7 @@ import torch
 import transformers
 
 from ..progress import log
-from . import PACKAGE_PREFIX, autocast, extract, inference_device, sha256
+from .extraction import PACKAGE_PREFIX, autocast, extract, inference_device, sha256
 
 # Warn when at least this share of the texts is cut at max_tokens: texts cut alike get alike
 # features, identical ones where the first max_tokens tokens are the same (duplicate titles).

@@ -25,7 +25,8 @@ from ..io import atomic_path
 from ..metrics import ITEM_BLOCK_SIZE, ExcludeHistory, blocked_ranks, summarize
 from ..models.odmt import ODMT, VARIANTS
 from ..progress import Progress, log
-from . import Sources, TrainConfig, build_model, checkpoint, ddp, find_sources
+from .. import ddp
+from . import Sources, TrainConfig, build_model, checkpoint, find_sources
 from .data import SequenceData, Split, epoch_batches, load_sequences
 from .distillation import distillation_pairs, distillation_terms, ramp_weight
 from .loss import branch_logits, cross_entropy, in_batch, log_popularity
