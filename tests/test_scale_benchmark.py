@@ -64,7 +64,7 @@ def test_instant_features_write_the_store_a_stage_writes_without_an_encoder(tmp_
     features = load_token_features(work / "data/features/image")
     assert tuple(features.tokens.shape[1:]) == (50, 1280) and features.present[1:].all() and features.tokens[1:].any()
     assert record["items_per_s"] > 0 and record["mb_per_s"] > 0 and "instant encoder" in record["note"]
-    assert record["output_bytes"] > features.num_items * 50 * 1280 * 2  # uncompressed float16 tokens
+    assert record["output_bytes"] > 0.8 * features.num_items * 50 * 1280 * 2  # random tokens: zstd saves little
 
 
 def test_merge_replaces_the_same_label_size_and_stage(tmp_path):
