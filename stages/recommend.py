@@ -3,7 +3,8 @@
     python stages/recommend.py --run odmt-s1 [--params params.yaml]
     python stages/recommend.py --run odmt-s1 --histories new.csv [--out recs.parquet]
 
-Reads models/{run}/model.pt, exports/{run}/index.faiss (the export stage's index) and
+Reads models/{run}/model.pt, exports/{run}/index.faiss (the export stage's index, checked
+against exports/{run}/items.parquet and the model: rows, dimension, fingerprints) and
 data/ingest/{sequences,items}.parquet; writes data/recommendations/{run}.parquet: user key,
 item keys best first, fused scores (`recommend.k`, `recommend.exclude_history`).
 
@@ -16,11 +17,10 @@ from _common import stage_args
 
 from pathlib import Path
 
-import faiss
 import pyarrow.parquet as pq
 
 from pipeline.config import load_section
-from pipeline.export import INDEX_FILE, user_encoder
+from pipeline.export import open_index, user_encoder
 from pipeline.progress import log
 from pipeline.recommend import RecommendConfig, read_histories, recommend, recommend_metadata, whole_histories
 from pipeline.training import load_trained
@@ -34,11 +34,9 @@ def options(parser):
 
 args = stage_args(__doc__, options)
 config = load_section(RecommendConfig, "recommend", args.params)
-index_path = Path("exports") / args.run / INDEX_FILE
-if not index_path.exists():
-    raise SystemExit(f"{index_path}: not found; run `dvc repro export@{args.run}` first")
 model, info = load_trained(Path("models") / args.run)
 encoder = user_encoder(model, info["max_len"])
+index = open_index(Path("exports") / args.run, Path("models") / args.run / "model.pt", info["num_items"], encoder.item_table.shape[1])
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
 items = pq.read_table("data/ingest/items.parquet", columns=["item_idx", "item_key"]).sort_by("item_idx")
 item_keys = ["", *items.column("item_key").to_pylist()]  # position = item_idx; 0 = padding
@@ -53,5 +51,5 @@ else:
     log.info("%s", source)
     out = args.out or args.histories.with_suffix(".recommendations.parquet")
 metadata = recommend_metadata(provenance, config, info["max_len"], source)
-recommend(encoder, faiss.read_index(str(index_path)), users, histories, item_keys, config, out, metadata)
+recommend(encoder, index, users, histories, item_keys, config, out, metadata)
 log.info("wrote %s (%d users)", out, len(users))

@@ -16,10 +16,13 @@ import io
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -32,6 +35,7 @@ from test_adapters import GENERIC
 from test_features import png_header
 
 from pipeline import schema
+from pipeline.export import ExportMismatch
 from pipeline.config import SECTIONS, ConfigError, from_dict, load_section
 from pipeline.features.image import decode_image
 from pipeline.features.text import text_outcomes
@@ -46,6 +50,7 @@ from pipeline.report import ReportConfig, escape, recommendations_html, thumbnai
 from pipeline.scoring import candidates_schema
 from pipeline.training import TrainConfig, checkpoint, load_trained
 from pipeline.training.trainer import train
+from tests.test_recommend import run_stage
 from tests.test_training import toy_config
 from tests.toy import make_toy_dataset
 
@@ -715,3 +720,73 @@ def test_no_code_path_unpickles_freely():
         if "weights_only=False" in p.read_text() or "pickle.load" in p.read_text()
     ]
     assert offenders == []
+
+
+# --- the export: no code when loaded, its files checked against each other and the model ---
+
+RUN = "odmt-s1"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A project folder as the DAG leaves it after export@odmt-s1, and a second model's export
+    (odmt-s2) beside it."""
+    root = tmp_path_factory.mktemp("exported")
+    data = make_toy_dataset(root / "data", num_users=16, num_items=20, seq_len=7)
+    (root / "params.yaml").write_text(yaml.safe_dump({"recommend": {"runs": [RUN], "k": 3}, "train": {}}))
+    with pytest.MonkeyPatch.context() as mp:
+        for seed in (1, 2):
+            train(toy_config(data, seed=seed), root / f"models/odmt-s{seed}", root / f"logs/odmt-s{seed}")
+            run_stage(root, "export.py", "--run", f"odmt-s{seed}", monkeypatch=mp)
+    return root
+
+
+def copy_project(exported: Path, tmp_path: Path) -> Path:
+    shutil.copytree(exported, tmp_path / "project")
+    return tmp_path / "project"
+
+
+def serve(export: Path, histories: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """examples/score_from_export.py in a fresh `python -I` process."""
+    (cwd / "histories.json").write_text(json.dumps(histories))
+    script = ROOT / "examples/score_from_export.py"
+    return subprocess.run([sys.executable, "-I", str(script), str(export), "histories.json"], cwd=cwd, capture_output=True, text=True)
+
+
+class TestExport:
+    def test_a_crafted_user_encoder_runs_nothing_in_the_client(self, exported, tmp_path):
+        project, marker = copy_project(exported, tmp_path), tmp_path / "pwned"
+        crafted_pickle(project / f"exports/{RUN}/user_encoder.onnx", marker)
+        proc = serve(project / f"exports/{RUN}", {"u": ["i1", "i2"]}, tmp_path)
+        assert proc.returncode != 0 and "user_encoder.onnx: not a loadable ONNX model" in proc.stderr
+        assert not marker.exists()
+
+    def test_the_client_refuses_an_index_of_another_export(self, exported, tmp_path):
+        project = copy_project(exported, tmp_path)
+        shutil.copy(project / "exports/odmt-s2/index.faiss", project / f"exports/{RUN}/index.faiss")
+        proc = serve(project / f"exports/{RUN}", {"u": ["i1", "i2"]}, tmp_path)
+        assert proc.returncode != 0 and "index.faiss is not the one items.parquet was written with" in proc.stderr
+
+    @pytest.mark.parametrize(
+        ("rows", "dim", "error"),
+        [
+            (2000, 24, r"2000 index rows and 20 in items\.parquet, the model has 20 items"),
+            (20, 64, r"64-dimensional index, the model's vectors have 24"),
+            (20, 24, r"index\.faiss is not the one items\.parquet was written with"),
+        ],
+    )
+    def test_recommend_refuses_an_index_that_does_not_fit(self, exported, tmp_path, monkeypatch, rows, dim, error):
+        project = copy_project(exported, tmp_path)
+        index = faiss.IndexFlatIP(dim)
+        index.add(np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32))
+        faiss.write_index(index, str(project / f"exports/{RUN}/index.faiss"))
+        with pytest.raises(ExportMismatch, match=rf"exports/{RUN}: .*{error}.*rerun `dvc repro export@{RUN}`"):
+            run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+        assert not (project / "data/recommendations").exists()
+
+    def test_recommend_refuses_the_export_of_another_model(self, exported, tmp_path, monkeypatch):
+        project = copy_project(exported, tmp_path)
+        shutil.rmtree(project / f"exports/{RUN}")
+        shutil.copytree(project / "exports/odmt-s2", project / f"exports/{RUN}")
+        with pytest.raises(ExportMismatch, match=rf"exported from another model than models/{RUN}/model\.pt"):
+            run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
