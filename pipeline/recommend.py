@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.commands import check_run
 from pipeline.config import load_section, to_dict
 from pipeline.ingest.adapters.base import read_table, require_columns
 from pipeline.ingest.adapters.generic import unix_seconds
@@ -60,6 +61,8 @@ class RecommendConfig:
         if self.k < 1 or self.user_block_size < 1:
             raise ValueError(f"k and user_block_size must be >= 1, got {self.k} and {self.user_block_size}")
         self.index.validate()
+        for i, run in enumerate(self.runs):
+            check_run(run, f"runs[{i}]")
 
 
 def whole_histories(sequences: pa.Table) -> Ragged:

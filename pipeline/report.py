@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.commands import check_run
 from pipeline.images import MAX_PIXELS, ImageRefused, open_image
 from pipeline.io import read_json
 from pipeline.scoring import split_users
@@ -41,6 +42,7 @@ class ReportConfig:
     def validate(self) -> None:
         if min(self.showcase_users, self.history_shown, self.top_n, self.thumb_height) < 1:
             raise ValueError("showcase_users, history_shown, top_n and thumb_height must be >= 1")
+        check_run(self.showcase_run, "showcase_run")
 
 
 # --- the table -------------------------------------------------------------------------------

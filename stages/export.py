@@ -9,7 +9,7 @@ exports/{run}/user_encoder.onnx (ONNX: item indices of a history -> user vector)
 fingerprinting model.pt. See pipeline/export.py.
 """
 
-from _common import stage_args
+from _common import run_option, stage_args
 
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from pipeline.progress import log
 from pipeline.recommend import RecommendConfig
 from pipeline.training import load_trained
 
-args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
+args = stage_args(__doc__, run_option)
 config = load_section(RecommendConfig, "recommend", args.params)
 model_path = Path("models") / args.run / "model.pt"
 model, info = load_trained(model_path.parent)

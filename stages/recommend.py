@@ -13,7 +13,7 @@ scores those users instead, without retraining, into --out (default: FILE.recomm
 beside FILE); item keys the model does not know are skipped and counted.
 """
 
-from _common import stage_args
+from _common import run_option, stage_args
 
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from pipeline.training import load_trained
 
 
 def options(parser):
-    parser.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1")
+    run_option(parser)
     parser.add_argument("--histories", type=Path, help="score these users' histories (user, item, timestamp) instead")
     parser.add_argument("--out", type=Path, help="with --histories: output file (default FILE.recommendations.parquet)")
 

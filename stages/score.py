@@ -11,7 +11,7 @@ approximate index). Under torchrun each rank scores a contiguous share of the us
 rank where there are GPUs) and rank 0 merges the shares into the same files one process writes.
 """
 
-from _common import stage_args
+from _common import run_option, stage_args
 
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from pipeline.scoring import ScoreConfig, score_run
 from pipeline.training import load_trained
 from pipeline.training.ddp import cleanup, setup
 
-args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
+args = stage_args(__doc__, run_option)
 config = load_section(ScoreConfig, "score", args.params)
 env = setup()  # one process, or this rank of torchrun's (its GPU, a process group)
 device = torch.device("cpu") if config.device == "cpu" else env.device

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from test_features import png_header
 
 from pipeline import schema
 from pipeline.export import ExportMismatch
+from pipeline.commands import check_launcher
 from pipeline.config import SECTIONS, ConfigError, from_dict, load_section
 from pipeline.features.image import decode_image
 from pipeline.features.text import text_outcomes
@@ -50,6 +52,7 @@ from pipeline.report import ReportConfig, escape, recommendations_html, thumbnai
 from pipeline.scoring import candidates_schema
 from pipeline.training import TrainConfig, checkpoint, load_trained
 from pipeline.training.trainer import train
+from tests.project import attempt, make_project
 from tests.test_recommend import run_stage
 from tests.test_training import toy_config
 from tests.toy import make_toy_dataset
@@ -790,3 +793,69 @@ class TestExport:
         shutil.copytree(project / "exports/odmt-s2", project / f"exports/{RUN}")
         with pytest.raises(ExportMismatch, match=rf"exported from another model than models/{RUN}/model\.pt"):
             run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+
+
+# --- params that dvc.yaml writes into command lines ------------------------------------------
+
+CRAFTED_PARAMS = {
+    "score.launcher": {"score": {"launcher": "touch MARK; python"}},
+    "text_features.launcher": {"text_features": {"launcher": "python $(touch MARK)"}},
+    "image_features.launcher": {"image_features": {"launcher": "torchrun --nproc_per_node `touch MARK`"}},
+    r"runs.variant\[1\]": {"runs": {"variant": ["odmt", "x; touch MARK #"]}},
+    r"runs.seed\[0\]": {"runs": {"seed": ["1 && touch MARK"]}},
+    r"recommend.runs\[0\]": {"recommend": {"runs": ["odmt-s1; touch MARK"]}},
+}
+
+
+def make_route(repo: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`make repro` in ``repo`` with a stand-in .venv: this interpreter, installed already."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (venv / "bin/python").chmod(0o755)
+    (venv / ".installed-requirements.txt").touch()
+    return subprocess.run(["make", "-s", "repro", f"VENV={venv}"], cwd=repo, capture_output=True, text=True)
+
+
+class TestParamsInCommands:
+    """dvc.yaml puts these params into shell command lines: each is refused before any runs."""
+
+    @pytest.mark.parametrize("key", list(CRAFTED_PARAMS))
+    def test_make_repro_refuses_a_crafted_param_and_runs_nothing(self, key, tmp_path):
+        repo = make_project(tmp_path / "repo", CRAFTED_PARAMS[key])
+        proc = make_route(repo, tmp_path)
+        assert proc.returncode != 0 and re.search(rf"^{key}: .* is not a", proc.stderr, re.M), proc.stderr
+        assert "Nothing was run" in proc.stderr and not (repo / "MARK").exists()
+
+    @pytest.mark.parametrize("key", [r"score.launcher", r"runs.variant\[1\]"])
+    def test_plain_dvc_repro_stops_at_check_params_and_runs_nothing(self, key, tmp_path):
+        repo = make_project(tmp_path / "repo", CRAFTED_PARAMS[key])
+        proc = attempt(["dvc", "repro"], repo)
+        assert proc.returncode != 0 and "failed to reproduce 'check_params'" in proc.stderr
+        assert re.search(rf"{key}: .* is not a", proc.stdout + proc.stderr) and not (repo / "MARK").exists()
+
+    def test_every_param_in_a_command_line_is_checked(self):
+        """The params that dvc.yaml interpolates into a `cmd` are those check_params declares."""
+        stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+        interpolated = set()
+        for stage in stages.values():
+            cmd = stage.get("cmd") or stage["do"]["cmd"]
+            interpolated |= set(re.findall(r"\$\{([^}]+)\}", cmd))
+            interpolated |= {stage[loop][2:-1] for loop in ("foreach",) if loop in stage}
+            interpolated |= {v[2:-1] for v in stage.get("matrix", {}).values()}
+        interpolated = {name for name in interpolated if not name.startswith(("item", "key"))}
+        assert interpolated == {"text_features.launcher", "image_features.launcher", "score.launcher", "runs.variant", "runs.seed", "recommend.runs"}
+        declared = set(stages["check_params"]["params"])
+        assert {name for name in interpolated if name not in declared and name.split(".")[0] not in declared} == set()
+        assert "data/params_check.txt" in stages["ingest"]["deps"]  # so that every stage is downstream of the check
+
+    @pytest.mark.parametrize(
+        "launcher", ["python", "torchrun --nproc_per_node 8", "torchrun --standalone --nnodes=1 --nproc-per-node=2"]
+    )
+    def test_the_documented_launchers_pass(self, launcher):
+        assert check_launcher(launcher, "score.launcher") == launcher
+
+    def test_a_stage_refuses_a_run_name_that_is_not_one(self, tmp_path, monkeypatch, capsys):
+        with pytest.raises(SystemExit):
+            run_stage(tmp_path, "evaluate.py", "--run", "../../etc-s1", monkeypatch=monkeypatch)
+        assert "argument --run: --run: '../../etc-s1' is not a run name" in capsys.readouterr().err
