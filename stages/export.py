@@ -20,12 +20,12 @@ from pipeline.export import export_run, user_encoder
 from pipeline.io import file_sha256
 from pipeline.progress import log
 from pipeline.recommend import RecommendConfig
-from pipeline.training import load_trained
+from pipeline.training import TrainConfig, load_trained
 
 args = stage_args(__doc__, run_option)
 config = load_section(RecommendConfig, "recommend", args.params)
 model_path = Path("models") / args.run / "model.pt"
-model, info = load_trained(model_path.parent)
+model, info = load_trained(model_path.parent, load_section(TrainConfig, "train", args.params))
 provenance = {key: info[key] for key in ("variant", "backbone", "seed", "best_epoch")} | {"run": args.run}
 items = pq.read_table("data/ingest/items.parquet", columns=["item_idx", "item_key"]).sort_by("item_idx")
 encoder = user_encoder(model, info["max_len"])

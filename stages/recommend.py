@@ -23,7 +23,7 @@ from pipeline.config import load_section
 from pipeline.export import open_index, user_encoder
 from pipeline.progress import log
 from pipeline.recommend import RecommendConfig, read_histories, recommend, recommend_metadata, whole_histories
-from pipeline.training import load_trained
+from pipeline.training import TrainConfig, load_trained
 
 
 def options(parser):
@@ -34,7 +34,7 @@ def options(parser):
 
 args = stage_args(__doc__, options)
 config = load_section(RecommendConfig, "recommend", args.params)
-model, info = load_trained(Path("models") / args.run)
+model, info = load_trained(Path("models") / args.run, load_section(TrainConfig, "train", args.params))
 encoder = user_encoder(model, info["max_len"])
 index = open_index(Path("exports") / args.run, Path("models") / args.run / "model.pt", info["num_items"], encoder.item_table.shape[1])
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}

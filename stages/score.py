@@ -21,14 +21,14 @@ import torch
 from pipeline.config import load_section
 from pipeline.evaluation import EvaluateConfig
 from pipeline.scoring import ScoreConfig, score_run
-from pipeline.training import load_trained
+from pipeline.training import TrainConfig, load_trained
 from pipeline.training.ddp import cleanup, setup
 
 args = stage_args(__doc__, run_option)
 config = load_section(ScoreConfig, "score", args.params)
 env = setup()  # one process, or this rank of torchrun's (its GPU, a process group)
 device = torch.device("cpu") if config.device == "cpu" else env.device
-model, info = load_trained(Path("models") / args.run, device=device)
+model, info = load_trained(Path("models") / args.run, load_section(TrainConfig, "train", args.params), device)
 exclude_history = load_section(EvaluateConfig, "evaluate", args.params).exclude_history
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
 if "sources" in info:

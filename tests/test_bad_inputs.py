@@ -592,7 +592,7 @@ class TestArtifactsFromTheRemote:
         (tmp_path / "run").mkdir()
         crafted_pickle(tmp_path / "run/model.pt", marker)
         with pytest.raises(checkpoint.UntrustedArtifactError, match=r"model\.pt: refused to load: .*delete it and rerun `dvc repro`"):
-            load_trained(tmp_path / "run")
+            load_trained(tmp_path / "run", TrainConfig())
         assert not marker.exists()
 
     def test_the_files_training_writes_load_as_plain_data(self, toy, tmp_path):
@@ -793,6 +793,18 @@ class TestExport:
         shutil.copytree(project / "exports/odmt-s2", project / f"exports/{RUN}")
         with pytest.raises(ExportMismatch, match=rf"exported from another model than models/{RUN}/model\.pt"):
             run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+
+
+    def test_a_model_file_does_not_choose_the_feature_files_read(self, exported, tmp_path, monkeypatch, touched):
+        """model.pt's params name feature files outside the project: the stage reads the params' own."""
+        project, outside = copy_project(exported, tmp_path), tmp_path / "outside"
+        shutil.copytree(project / "data/features", outside)
+        saved = checkpoint.load(project / f"models/{RUN}/model.pt")
+        saved["params"] |= {"text_features": str(outside / "text.parquet"), "image_features": str(outside / "image.parquet")}
+        checkpoint.save(saved, project / f"models/{RUN}/model.pt")
+        touched.clear()  # the copies above
+        run_stage(project, "export.py", "--run", RUN, monkeypatch=monkeypatch)
+        assert under(touched, outside) == [] and under(touched, project / "data/features")
 
 
 # --- params that dvc.yaml writes into command lines ------------------------------------------

@@ -52,7 +52,7 @@ def project(tmp_path_factory) -> Path:
     write_table(images, data / "ingest/images.parquet", schema.IMAGES)
     torch.manual_seed(0)
     train(toy_config(data, epochs=2), root / "models" / RUN, root / "logs" / RUN)
-    params = {"recommend": to_dict(RecommendConfig(runs=[RUN], k=K, user_block_size=7)), "report": {"history_shown": 4}}
+    params = {"recommend": to_dict(RecommendConfig(runs=[RUN], k=K, user_block_size=7)), "report": {"history_shown": 4}, "train": {}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as mp:
         run_stage(root, "export.py", "--run", RUN, monkeypatch=mp)
@@ -62,7 +62,7 @@ def project(tmp_path_factory) -> Path:
 
 def brute_force(project: Path, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """The model's own fused scores over the catalogue, history and padding masked, top k."""
-    model, info = load_trained(project / "models" / RUN)
+    model, info = load_trained(project / "models" / RUN, toy_config(project / "data"))
     with torch.no_grad():
         scores = model.user_vectors(left_pad(ragged(histories), info["max_len"])) @ model.item_vectors().T
     scores[:, 0] = -torch.inf
