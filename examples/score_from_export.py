@@ -35,7 +35,7 @@ def sha256(path: Path) -> str:
 class Export:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        items = pq.read_table(folder / "items.parquet", columns=["item_idx", "item_key"])
+        items = pq.read_table(folder / "items.parquet", columns=["item_idx", "item_key", "vector"])
         schema = pq.read_schema(folder / "items.parquet")
         metadata = {k.decode(): json.loads(v) for k, v in schema.metadata.items() if k != b"ARROW:schema"}
         dim = schema.field("vector").type.list_size
@@ -50,6 +50,8 @@ class Export:
         problems = []
         if (self.index.ntotal, self.index.d) != (items.num_rows, dim):
             problems.append(f"index.faiss is {self.index.ntotal} x {self.index.d}, items.parquet {items.num_rows} x {dim}")
+        if not np.isfinite(items.column("vector").combine_chunks().flatten().to_numpy()).all():
+            problems.append("items.parquet holds NaN or infinite vector values")
         if sha256(folder / "index.faiss") != metadata["index_sha256"]:
             problems.append("index.faiss is not the one items.parquet was written with")
         if self.encoder.get_modelmeta().custom_metadata_map.get("model_sha256") != metadata["model_sha256"]:

@@ -19,7 +19,7 @@ pulled export cannot run code (torch.export archives still use pickle for a reco
 ONNX Runtime serves it from Python, C++, Java or Triton without PyTorch.
 
 `open_index` is the recommend stage's way in: it checks the three files against each other
-and against the model before searching (rows, dimension, fingerprints).
+and against the model before searching (rows, dimension, fingerprints, finite vectors).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import faiss
 import numpy as np
 import onnx
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -164,6 +165,10 @@ def open_index(folder: Path, model_path: Path, num_items: int, vector_dim: int) 
         problems.append(f"{INDEX_FILE} is not the one {ITEMS_FILE} was written with")
     if metadata.get("model_sha256") != file_sha256(model_path):
         problems.append(f"exported from another model than {model_path}")
+    if not problems:
+        vectors = pq.read_table(items_path, columns=["vector"]).column("vector").combine_chunks().flatten()
+        if bad := len(vectors) - pc.sum(pc.is_finite(vectors)).as_py():
+            problems.append(f"{ITEMS_FILE} holds {bad} NaN or infinite vector values")
     if problems:
         raise ExportMismatch(f"{folder}: {'; '.join(problems)}: {rerun}")
     return index

@@ -29,12 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import schema
 from pipeline.commands import check_run
 from pipeline.config import load_section, to_dict
 from pipeline.ingest.adapters.base import read_table, require_columns
 from pipeline.ingest.adapters.generic import unix_seconds
 from pipeline.ingest.core import natural_order
-from pipeline.io import parquet_writer
+from pipeline.io import parquet_writer, read_checked
 from pipeline.models.odmt import UserEncoder
 from pipeline.progress import Progress, log, setup_logging
 from pipeline.scoring import IndexConfig, Ragged, _ragged, available_cpus, left_pad, search_unseen
@@ -156,8 +157,8 @@ def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, 
     if found.num_rows == 0:
         raise KeyError(f"user {user!r} is not in {path}")
     ingest = Path("data/ingest")
-    sequences = pq.read_table(ingest / "sequences.parquet", filters=[("user_key", "=", user)])
-    items = pq.read_table(ingest / "items.parquet", columns=["item_idx", "item_key", "title"])
+    sequences = read_checked(ingest / "sequences.parquet", schema.SEQUENCES, schema.REINGEST, filters=[("user_key", "=", user)])
+    items = read_checked(ingest / "items.parquet", schema.ITEMS, schema.REINGEST, ["item_idx", "item_key", "title"])
     index_of = dict(zip(items.column("item_key").to_pylist(), items.column("item_idx").to_pylist()))
     index_key = {i: key for key, i in index_of.items()}
     titles = dict(zip(items.column("item_idx").to_pylist(), items.column("title").to_pylist()))

@@ -13,11 +13,10 @@ from _common import run_option, stage_args
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
+from pipeline import schema
 from pipeline.config import load_section
 from pipeline.export import export_run, user_encoder
-from pipeline.io import file_sha256
+from pipeline.io import file_sha256, read_checked
 from pipeline.progress import log
 from pipeline.recommend import RecommendConfig
 from pipeline.training import TrainConfig, load_trained
@@ -27,7 +26,7 @@ config = load_section(RecommendConfig, "recommend", args.params)
 model_path = Path("models") / args.run / "model.pt"
 model, info = load_trained(model_path.parent, load_section(TrainConfig, "train", args.params))
 provenance = {key: info[key] for key in ("variant", "backbone", "seed", "best_epoch")} | {"run": args.run}
-items = pq.read_table("data/ingest/items.parquet", columns=["item_idx", "item_key"]).sort_by("item_idx")
+items = read_checked("data/ingest/items.parquet", schema.ITEMS, schema.REINGEST, ["item_idx", "item_key"]).sort_by("item_idx")
 encoder = user_encoder(model, info["max_len"])
 keys = items.column("item_key").to_pylist()
 sizes = export_run(encoder, list(info["branches"]), keys, config.index, Path("exports") / args.run, provenance, file_sha256(model_path))

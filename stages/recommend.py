@@ -17,10 +17,10 @@ from _common import run_option, stage_args
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
+from pipeline import schema
 from pipeline.config import load_section
 from pipeline.export import open_index, user_encoder
+from pipeline.io import read_checked
 from pipeline.progress import log
 from pipeline.recommend import RecommendConfig, read_histories, recommend, recommend_metadata, whole_histories
 from pipeline.training import TrainConfig, load_trained
@@ -38,11 +38,11 @@ model, info = load_trained(Path("models") / args.run, load_section(TrainConfig, 
 encoder = user_encoder(model, info["max_len"])
 index = open_index(Path("exports") / args.run, Path("models") / args.run / "model.pt", info["num_items"], encoder.item_table.shape[1])
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
-items = pq.read_table("data/ingest/items.parquet", columns=["item_idx", "item_key"]).sort_by("item_idx")
+items = read_checked("data/ingest/items.parquet", schema.ITEMS, schema.REINGEST, ["item_idx", "item_key"]).sort_by("item_idx")
 item_keys = ["", *items.column("item_key").to_pylist()]  # position = item_idx; 0 = padding
 
 if args.histories is None:
-    sequences = pq.read_table("data/ingest/sequences.parquet")
+    sequences = read_checked("data/ingest/sequences.parquet", schema.SEQUENCES, schema.REINGEST)
     users, histories, source = sequences.column("user_key").to_pylist(), whole_histories(sequences), "train + valid + test items"
     out = Path("data/recommendations") / f"{args.run}.parquet"
 else:

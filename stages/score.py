@@ -15,10 +15,11 @@ from _common import run_option, stage_args
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
+from pipeline import schema
 from pipeline.config import load_section
+from pipeline.io import read_checked
 from pipeline.evaluation import EvaluateConfig
 from pipeline.scoring import ScoreConfig, score_run
 from pipeline.training import TrainConfig, load_trained
@@ -33,6 +34,6 @@ exclude_history = load_section(EvaluateConfig, "evaluate", args.params).exclude_
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
 if "sources" in info:
     provenance["sources"] = {"used": info["sources"], "present": info["source_present"]}
-sequences = pq.read_table("data/ingest/sequences.parquet")
+sequences = read_checked("data/ingest/sequences.parquet", schema.SEQUENCES, schema.REINGEST)
 score_run(model, info["max_len"], sequences, config, Path("data/candidates") / args.run, provenance, exclude_history)
 cleanup(env)

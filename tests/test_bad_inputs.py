@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
@@ -47,7 +48,7 @@ from pipeline.ingest.adapters.amazon2018 import Amazon2018Options, read_amazon20
 from pipeline.ingest.adapters.generic import GenericOptions, read_generic
 from pipeline.ingest.adapters.hm import HMOptions, read_hm
 from pipeline.ingest.adapters.movielens_mm import MovielensOptions, read_movielens_mm
-from pipeline.io import atomic_path, write_json, write_table
+from pipeline.io import ArtifactError, atomic_path, write_json, write_table
 from pipeline.report import ReportConfig, escape, recommendations_html, thumbnail_uri
 from pipeline.scoring import candidates_schema
 from pipeline.training import TrainConfig, checkpoint, load_trained
@@ -600,6 +601,105 @@ class TestArtifactsFromTheRemote:
         for name in ("model.pt", "checkpoint.pt"):
             state = torch.load(tmp_path / "run" / name, weights_only=True)
             assert isinstance(state["params"], dict) and state["params"]["epochs"] == 1
+
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory) -> Path:
+    """A finished toy run: models/odmt-s1/{model,checkpoint}.pt."""
+    run = tmp_path_factory.mktemp("trained") / "models/odmt-s1"
+    train(toy_config(toy), run, run.parent.parent / "logs")
+    return run
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    elif how == "missing keys":
+        torch.save({"state_dict": {}}, path)
+    else:  # NaN weights
+        saved = torch.load(path, weights_only=True)
+        weights = saved["state_dict" if "state_dict" in saved else "model"]
+        name = next(k for k, v in weights.items() if v.is_floating_point())
+        weights[name].view(-1)[:3] = torch.nan
+        torch.save(saved, path)
+
+
+class TestCorruptArtifacts:
+    """A cut, empty, foreign, incomplete or NaN model.pt is named with what to rerun; such a
+    checkpoint.pt is logged and training starts afresh."""
+
+    @pytest.mark.parametrize(
+        ("how", "error"),
+        [
+            ("truncated", r"model\.pt: cut short or corrupt \("),
+            ("empty", r"model\.pt: empty file"),
+            ("random bytes", r"model\.pt: not a file the train stage writes, corrupt or of another format"),
+            ("missing keys", r"model\.pt: params, info missing"),
+            ("nan", r"model\.pt: state_dict\.\S+ holds 3 NaN or infinite values"),
+        ],
+    )
+    def test_a_broken_model_is_named_with_the_stage_to_rerun(self, trained, tmp_path, how, error):
+        run = tmp_path / "models/odmt-s1"
+        run.mkdir(parents=True)
+        shutil.copy(trained / "model.pt", run / "model.pt")
+        corrupt(run / "model.pt", how)
+        with pytest.raises(ArtifactError, match=error + r".*delete it and rerun `dvc repro train@odmt-1`"):
+            load_trained(run, TrainConfig())
+
+    @pytest.mark.parametrize("how", ["truncated", "empty", "random bytes", "missing keys", "nan"])
+    def test_a_broken_checkpoint_starts_afresh_and_says_so(self, toy, trained, tmp_path, caplog, how):
+        run = tmp_path / "models/odmt-s1"
+        run.mkdir(parents=True)
+        shutil.copy(trained / "checkpoint.pt", run / "checkpoint.pt")
+        corrupt(run / "checkpoint.pt", how)
+        with caplog.at_level(logging.INFO, logger="pipeline"):
+            _, info = train(toy_config(toy), run, tmp_path / "logs")
+        assert f"{run / 'checkpoint.pt'}: " in caplog.text and "; starting afresh" in caplog.text
+        assert "resuming" not in caplog.text and info == torch.load(trained / "model.pt", weights_only=True)["info"]
+
+    def test_nan_vectors_in_an_export_are_refused(self, exported, tmp_path, monkeypatch):
+        project = copy_project(exported, tmp_path)
+        items = pq.read_table(project / f"exports/{RUN}/items.parquet")
+        vectors = np.array(items.column("vector").to_pylist(), dtype=np.float32)
+        vectors[4, :2] = np.nan
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+        pq.write_table(items.set_column(2, "vector", column).replace_schema_metadata(items.schema.metadata), project / f"exports/{RUN}/items.parquet")
+        proc = serve(project / f"exports/{RUN}", {"u": ["i1"]}, tmp_path)
+        assert proc.returncode != 0 and "items.parquet holds NaN or infinite vector values" in proc.stderr
+        with pytest.raises(ExportMismatch, match=r"items\.parquet holds 2 NaN or infinite vector values"):
+            run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+
+
+class TestParquetInputs:
+    """An ingest table of the wrong schema, or cut short, is named with the column and the stage to rerun."""
+
+    @staticmethod
+    def stage_with(exported: Path, tmp_path: Path, monkeypatch, table: str, change) -> None:
+        project = copy_project(exported, tmp_path)
+        path = project / "data/ingest" / table
+        change(path)
+        run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+
+    @pytest.mark.parametrize(
+        ("table", "change", "error"),
+        [
+            ("items.parquet", lambda p: pq.write_table(pq.read_table(p).set_column(1, "item_key", pa.array(range(20))), p),
+             r"items\.parquet: column item_key is int64, expected string"),
+            ("sequences.parquet", lambda p: pq.write_table(pq.read_table(p).drop(["test_item"]), p),
+             r"sequences\.parquet: column test_item is missing"),
+            ("sequences.parquet", lambda p: p.write_bytes(p.read_bytes()[:-100]),
+             r"sequences\.parquet: not a readable Parquet file, cut short or corrupt"),
+        ],
+    )  # fmt: skip
+    def test_a_wrong_ingest_table_is_named(self, exported, tmp_path, monkeypatch, table, change, error):
+        with pytest.raises(ArtifactError, match=error + r".*rerun `dvc repro ingest`"):
+            self.stage_with(exported, tmp_path, monkeypatch, table, change)
 
 
 class TestResume:

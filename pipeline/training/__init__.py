@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from ..config import from_dict
+from ..io import ArtifactError
 from ..models.odmt import ODMT, THREE, VARIANTS, ModelConfig
 from ..progress import log
 from . import checkpoint
@@ -125,10 +126,13 @@ def load_trained(run_dir: Path, current: TrainConfig, device: str | torch.device
     path = Path(run_dir) / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained model; run the train stage for this variant and seed")
-    saved = checkpoint.load(path)
+    saved = checkpoint.load(path, checkpoint.MODEL_KEYS, checkpoint.MODEL_WEIGHTS)
     cfg = from_dict(TrainConfig, saved["params"], f"{path} params")
     cfg = replace(cfg, text_features=current.text_features, image_features=current.image_features)
     # The saved state replaces the ID table: no content initialisation (an SVD) to compute first.
     model = build_model(cfg, saved["info"]["num_items"], saved["info"].get("sources"), content_init=False)
-    model.load_state_dict(saved["state_dict"])
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights
+        raise ArtifactError(f"{path}: its weights do not fit its params ({err}); {checkpoint.rerun_train(path)}") from None
     return model.to(device).eval(), saved["info"]
