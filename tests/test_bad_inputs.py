@@ -41,7 +41,7 @@ from pipeline.export import ExportMismatch
 from pipeline.commands import check_launcher
 from pipeline.config import SECTIONS, ConfigError, from_dict, load_section
 from pipeline.features.image import decode_image
-from pipeline.features.text import text_outcomes
+from pipeline.features.text import TextFeaturesConfig, item_text, text_outcomes
 from pipeline.images import BOMB, UNREADABLE, ImageRefused, open_image
 from pipeline.ingest import IngestConfig, SourceError, SplitRules, ingest
 from pipeline.ingest.adapters.amazon2018 import Amazon2018Options, read_amazon2018
@@ -271,6 +271,16 @@ class TestPaths:
         assert result.report["counts"]["image_outside_root"] == 1 and not has_image(result, "i1") and has_image(result, "i2")
         assert under(touched, root / "pics") and not under(touched, outside)
 
+    def test_a_nul_byte_in_an_image_path_is_counted_and_named(self, tmp_path, caplog):
+        root = tmp_path / "data"
+        options = write_generic(root, {"i1": "pics/ok.png\x00.jpg", "i2": "pics/ok.png"})
+        (root / "pics").mkdir()
+        (root / "pics" / "ok.png").write_bytes(image_bytes())
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            result = ingest(read_generic(root, options), SplitRules())
+        assert result.report["counts"]["image_bad_path"] == 1 and not has_image(result, "i1") and has_image(result, "i2")
+        assert "ingest: item i1: image_bad_path (" in caplog.text and "/pics/ok.png\\x00.jpg')" in caplog.text
+
     def test_dot_dot_inside_the_folder_is_fine(self, tmp_path):
         root = tmp_path / "data"
         (root / "pics").mkdir(parents=True)
@@ -494,6 +504,9 @@ class TestEmpty:
 # --- text and the HTML page ------------------------------------------------------------------
 
 
+TEMPLATE = TextFeaturesConfig().template  # "{title}. {text}"
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
@@ -510,6 +523,10 @@ class TestText:
 
     def test_100k_character_title_is_unknown_only(self, tokenizer):
         assert self.outcomes(tokenizer, ["x" * 100_000 + ". the movie", "x" * 100_000]) == ["fits", "unknown_only"]
+
+    def test_100k_character_title_in_the_default_template_is_unknown_only(self, tokenizer):
+        filled = [item_text(TEMPLATE, True, "x" * 100_000, ""), item_text(TEMPLATE, True, "x" * 100_000, "toy story")]
+        assert filled[0].endswith(".") and self.outcomes(tokenizer, filled) == ["unknown_only", "fits"]
 
     def test_long_text_is_truncated(self, tokenizer):
         assert self.outcomes(tokenizer, ["the movie " * 50_000, "toy story"]) == ["truncated", "fits"]
