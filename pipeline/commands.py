@@ -68,6 +68,14 @@ def check_run(value: Any, key: str) -> str:
     return value
 
 
+def run_argument(value: str) -> str:
+    """argparse type of `--run` (dvc.yaml puts it into command lines; it names folders)."""
+    try:
+        return check_run(value, "--run")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _lookup(params: dict, key: str, path: Path) -> Any:
     value: Any = params
     for part in key.split("."):

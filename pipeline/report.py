@@ -206,12 +206,20 @@ def thumbnail_uri(image: bytes | None, height: int, max_pixels: int = MAX_PIXELS
 
 # Shown as U+FFFD: C0 controls but tab and newline, DEL and C1 controls, bidi embeddings,
 # overrides and isolates (a title with U+202E would reverse the text around it on the page).
-UNSAFE_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_DEL_C1_BIDI = "\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+UNSAFE_CHARACTERS = re.compile(f"[\x00-\x08\x0b-\x1f{_DEL_C1_BIDI}]")
+# In a terminal line, tab and newline too (and ESC, the start of every ANSI escape sequence).
+UNSAFE_IN_A_LINE = re.compile(f"[\x00-\x1f{_DEL_C1_BIDI}]")
 
 
 def escape(text: str) -> str:
     """Text for an HTML page: markup escaped, control and bidi-override characters replaced."""
     return html.escape(UNSAFE_CHARACTERS.sub("\ufffd", text))
+
+
+def printable(text: str) -> str:
+    """Text for one terminal line: control (ANSI escapes included) and bidi characters replaced."""
+    return UNSAFE_IN_A_LINE.sub("\ufffd", text)
 
 
 def showcase_users(num_users: int, count: int) -> np.ndarray:

@@ -9,21 +9,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.commands import check_run  # noqa: E402
-from pipeline.config import ConfigError  # noqa: E402
+from pipeline.commands import run_argument  # noqa: E402
 from pipeline.progress import setup_logging  # noqa: E402
 
 
-def run_name(value: str) -> str:
-    """`--run`: {variant}-s{seed} of a known variant (dvc.yaml puts it into the command line)."""
-    try:
-        return check_run(value, "--run")
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def run_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, type=run_name, help="training run, {variant}-s{seed}, e.g. odmt-s1")
+    parser.add_argument("--run", required=True, type=run_argument, help="training run, {variant}-s{seed}, e.g. odmt-s1")
 
 
 def stage_args(description: str, extra=None) -> argparse.Namespace:

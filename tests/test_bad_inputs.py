@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -50,6 +51,7 @@ from pipeline.ingest.adapters.hm import HMOptions, read_hm
 from pipeline.ingest.adapters.movielens_mm import MovielensOptions, read_movielens_mm
 from pipeline.io import ArtifactError, atomic_path, write_json, write_table
 from pipeline.report import ReportConfig, escape, recommendations_html, thumbnail_uri
+from pipeline.recommend import main as recommend_main
 from pipeline.scoring import candidates_schema
 from pipeline.training import TrainConfig, checkpoint, load_trained
 from pipeline.training.trainer import train
@@ -853,7 +855,7 @@ def exported(tmp_path_factory) -> Path:
     (odmt-s2) beside it."""
     root = tmp_path_factory.mktemp("exported")
     data = make_toy_dataset(root / "data", num_users=16, num_items=20, seq_len=7)
-    (root / "params.yaml").write_text(yaml.safe_dump({"recommend": {"runs": [RUN], "k": 3}, "train": {}}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"recommend": {"runs": [RUN], "k": 3}, "train": {}, "report": {}}))
     with pytest.MonkeyPatch.context() as mp:
         for seed in (1, 2):
             train(toy_config(data, seed=seed), root / f"models/odmt-s{seed}", root / f"logs/odmt-s{seed}")
@@ -923,6 +925,43 @@ class TestExport:
         run_stage(project, "export.py", "--run", RUN, monkeypatch=monkeypatch)
         assert under(touched, outside) == [] and under(touched, project / "data/features")
 
+
+
+@pytest.fixture
+def recommended(exported, tmp_path, monkeypatch) -> Path:
+    """A copy of the exported project with its recommendations, as the current folder."""
+    project = copy_project(exported, tmp_path)
+    run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+    return project
+
+
+class TestOneUser:
+    """`python -m pipeline.recommend --run R --user U`: bad arguments and odd data are named."""
+
+    def test_a_negative_top_is_refused(self, recommended, capsys):
+        with pytest.raises(SystemExit):
+            recommend_main(["--run", RUN, "--user", "u1", "--top", "-3"])
+        assert "argument --top: expected an integer >= 1, got '-3'" in capsys.readouterr().err
+
+    def test_html_into_a_missing_folder_names_it(self, recommended, tmp_path, caplog):
+        assert recommend_main(["--run", RUN, "--user", "u1", "--html", str(tmp_path / "nowhere/u1.html")]) == 1
+        assert f"the folder {tmp_path / 'nowhere'} does not exist" in caplog.text
+
+    def test_a_user_missing_from_the_sequences_is_named(self, recommended, caplog):
+        path = recommended / "data/ingest/sequences.parquet"
+        sequences = pq.read_table(path)
+        pq.write_table(sequences.filter(pc.not_equal(sequences["user_key"], "u1")), path)
+        assert recommend_main(["--run", RUN, "--user", "u1"]) == 1
+        assert "user 'u1' is in data/recommendations/odmt-s1.parquet but not in data/ingest/sequences.parquet" in caplog.text
+
+    def test_control_characters_and_ansi_escapes_do_not_reach_the_terminal(self, recommended, capsys):
+        path = recommended / "data/ingest/items.parquet"
+        items = pq.read_table(path)
+        titles = [f"\x1b[2J\x1b[31mEvil {i}\x07\u202e" for i in range(items.num_rows)]
+        write_table(items.set_column(2, "title", pa.array(titles)), path, schema.ITEMS)
+        assert recommend_main(["--run", RUN, "--user", "u1"]) == 0
+        out = capsys.readouterr().out
+        assert "\ufffd[2J\ufffd[31mEvil " in out and not any(c in out for c in "\x1b\x07\u202e")
 
 # --- params that dvc.yaml writes into command lines ------------------------------------------
 
