@@ -54,7 +54,8 @@ from pipeline.report import ReportConfig, escape, recommendations_html, thumbnai
 from pipeline.recommend import main as recommend_main
 from pipeline.scoring import candidates_schema
 from pipeline.training import TrainConfig, checkpoint, load_trained
-from pipeline.training.trainer import train
+from pipeline.training import trainer
+from pipeline.training.trainer import native_bf16, train
 from tests.project import attempt, make_project
 from tests.test_recommend import run_stage
 from tests.test_training import toy_config
@@ -720,6 +721,29 @@ class TestParquetInputs:
         with pytest.raises(ArtifactError, match=error + r".*rerun `dvc repro ingest`"):
             self.stage_with(exported, tmp_path, monkeypatch, table, change)
 
+
+
+class TestCpuSwitches:
+    """bfloat16 switches on a CPU without bfloat16 instructions are named in the log."""
+
+    AVX2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
+
+    @pytest.mark.parametrize(
+        ("cpuinfo", "native"),
+        [(AVX2, False), (AVX2.replace("avx2", "avx2 avx512f avx512_bf16"), True), ("Features\t: fp asimd sve bf16\n", True),
+         ("Features\t: fp asimd\n", False), ("flags\t: amx_tile amx_bf16\n", True)],
+    )  # fmt: skip
+    def test_native_bf16_is_read_from_the_cpu_flags(self, cpuinfo, native):
+        assert native_bf16(cpuinfo) is native
+
+    @pytest.mark.parametrize("flags", ["avx2", "avx2 avx512_bf16"])
+    def test_training_warns_when_bfloat16_would_be_emulated(self, toy, tmp_path, monkeypatch, caplog, flags):
+        (tmp_path / "cpuinfo").write_text(f"flags\t: fpu {flags}\n")
+        monkeypatch.setattr(trainer, "CPUINFO", tmp_path / "cpuinfo")
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            train(toy_config(toy, cpu_bf16_validation=True), tmp_path / "run", tmp_path / "logs")
+        warned = "train.cpu_bf16_validation: this CPU has no bfloat16 instructions (none of amx_bf16, avx512_bf16, bf16 in"
+        assert (warned in caplog.text) is (flags == "avx2")
 
 class TestResume:
     """A persisted checkpoint resumes only when nothing it was made from has changed."""
