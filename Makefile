@@ -13,9 +13,12 @@ TEST_INSTALLED := $(VENV)/.installed-requirements-test.txt
 
 .PHONY: repro test install
 # Stage commands run `python`: put the venv first on PATH so they use it.
+# pipeline.commands refuses params that would put shell code into a stage's command, before
+# anything runs (dvc.yaml's check_params stage does the same for a plain `dvc repro`).
 # pipeline.pull is `dvc pull --allow-missing` that says in one line what dvc repro will compute
 # instead of listing every output the remote does not hold yet.
 repro: $(INSTALLED)
+	$(BIN)/python -m pipeline.commands
 	PATH="$(abspath $(BIN)):$$PATH" python -m pipeline.pull
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 

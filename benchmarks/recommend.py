@@ -69,7 +69,7 @@ def embedded(cfg: TrainConfig, config: RecommendConfig, tmp: Path, rng: np.rando
     start = time.perf_counter()
     encoder = user_encoder(model, cfg.model.max_len)
     table_s = time.perf_counter() - start
-    sizes = export_run(encoder, list(model.branches), [f"item{i}" for i in range(1, items + 1)], config.index, tmp / "export", {"run": "benchmark"})
+    sizes = export_run(encoder, list(model.branches), [f"item{i}" for i in range(1, items + 1)], config.index, tmp / "export", {"run": "benchmark"}, "random weights")
     index = faiss.read_index(str(tmp / "export/index.faiss"))
     seen = random_histories(rng, users, items)
     timed = max((timed_recommend(encoder, index, seen, items, config, tmp / "recs.parquet") for _ in range(3)), key=lambda t: t["users_per_s"])

@@ -111,7 +111,7 @@ def train_params(inputs: Inputs) -> dict:
 
 
 def score_params(inputs: Inputs) -> dict:
-    return default_sections(inputs.code, "score", "evaluate")
+    return default_sections(inputs.code, "score", "evaluate", "train")  # train: the feature files' paths
 
 
 def evaluate_params(inputs: Inputs) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -105,6 +106,33 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
+class ArtifactError(ValueError):
+    """An input file that is not what the stage writing it writes (cut short, corrupt, another
+    schema, non-finite values); the message names the file, what is wrong and what to rerun."""
+
+
+def read_checked(path: str | Path, schema: pa.Schema, rerun: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    """The Parquet file ``path`` (``columns`` of it, default all of ``schema``) after checking
+    that each column read is there with its type in ``schema``; ``rerun`` says what rewrites it."""
+    path, names = Path(path), columns or schema.names
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; {rerun}")
+    try:
+        found = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ArtifactError(f"{path}: not a readable Parquet file, cut short or corrupt ({err}); {rerun}") from None
+    for name in names:
+        expected = schema.field(name).type
+        if name not in found.names:
+            raise ArtifactError(f"{path}: column {name} is missing; {rerun}")
+        if found.field(name).type != expected:
+            raise ArtifactError(f"{path}: column {name} is {found.field(name).type}, expected {expected}; {rerun}")
+    try:
+        return pq.read_table(path, columns=list(names), filters=filters)
+    except (OSError, pa.ArrowException) as err:
+        raise ArtifactError(f"{path}: cannot be read, cut short or corrupt ({err}); {rerun}") from None
+
+
 def write_table(
     table: pa.Table, path: str | Path, schema: pa.Schema, metadata: dict | None = None, compression: dict[str, str] | None = None
 ) -> None:
@@ -135,3 +163,12 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: the fingerprint one artifact records of another."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -29,11 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import schema
+from pipeline.commands import check_run, run_argument
 from pipeline.config import load_section, to_dict
 from pipeline.ingest.adapters.base import read_table, require_columns
 from pipeline.ingest.adapters.generic import unix_seconds
 from pipeline.ingest.core import natural_order
-from pipeline.io import parquet_writer
+from pipeline.io import parquet_writer, read_checked
 from pipeline.models.odmt import UserEncoder
 from pipeline.progress import Progress, log, setup_logging
 from pipeline.scoring import IndexConfig, Ragged, _ragged, available_cpus, left_pad, search_unseen
@@ -60,6 +62,8 @@ class RecommendConfig:
         if self.k < 1 or self.user_block_size < 1:
             raise ValueError(f"k and user_block_size must be >= 1, got {self.k} and {self.user_block_size}")
         self.index.validate()
+        for i, run in enumerate(self.runs):
+            check_run(run, f"runs[{i}]")
 
 
 def whole_histories(sequences: pa.Table) -> Ragged:
@@ -144,7 +148,7 @@ def read_histories(path: Path, item_index: dict[str, int]) -> tuple[list[str], R
 def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, params: str = "params.yaml") -> str:
     """One user's recent history and top ``top`` with titles, as text; with ``html_path`` also
     the page of that user's item thumbnails (the report's page code)."""
-    from pipeline.report import ReportConfig, escape, poster_page
+    from pipeline.report import ReportConfig, escape, poster_page, printable
 
     path = Path("data/recommendations") / f"{run}.parquet"
     if not path.exists():
@@ -153,8 +157,10 @@ def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, 
     if found.num_rows == 0:
         raise KeyError(f"user {user!r} is not in {path}")
     ingest = Path("data/ingest")
-    sequences = pq.read_table(ingest / "sequences.parquet", filters=[("user_key", "=", user)])
-    items = pq.read_table(ingest / "items.parquet", columns=["item_idx", "item_key", "title"])
+    sequences = read_checked(ingest / "sequences.parquet", schema.SEQUENCES, schema.REINGEST, filters=[("user_key", "=", user)])
+    if sequences.num_rows == 0:  # recommendations older than the ingest tables
+        raise KeyError(f"user {user!r} is in {path} but not in {ingest / 'sequences.parquet'}: rerun `dvc repro recommend@{run}`")
+    items = read_checked(ingest / "items.parquet", schema.ITEMS, schema.REINGEST, ["item_idx", "item_key", "title"])
     index_of = dict(zip(items.column("item_key").to_pylist(), items.column("item_idx").to_pylist()))
     index_key = {i: key for key, i in index_of.items()}
     titles = dict(zip(items.column("item_idx").to_pylist(), items.column("title").to_pylist()))
@@ -163,10 +169,11 @@ def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, 
     recommended = [index_of[key] for key in found.column("items")[0].as_py()[:top]]
     scores = found.column("scores")[0].as_py()[:top]
 
-    lines = [f"User {user}, run {run}: last {len(history)} items of the history, oldest first"]
-    lines += [f"  {titles[i] or index_key[i]}" for i in history]
+    name = {i: printable(titles[i] or index_key[i]) for i in (*history, *recommended)}
+    lines = [f"User {printable(user)}, run {run}: last {len(history)} items of the history, oldest first"]
+    lines += [f"  {name[i]}" for i in history]
     lines += [f"Top {len(recommended)}:"]
-    lines += [f"  {rank:2d}. {titles[i] or index_key[i]}  ({score:.3f})" for rank, (i, score) in enumerate(zip(recommended, scores), 1)]
+    lines += [f"  {rank:2d}. {name[i]}  ({score:.3f})" for rank, (i, score) in enumerate(zip(recommended, scores), 1)]
     if html_path is not None:
         page = poster_page(
             [(user, history, recommended, None)],
@@ -184,19 +191,29 @@ def one_user(run: str, user: str, top: int = 10, html_path: Path | None = None, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="One user's recent history and top recommendations.")
-    parser.add_argument("--run", required=True, help="a run of recommend.runs, e.g. odmt-s1")
+    parser.add_argument("--run", required=True, type=run_argument, help="a run of recommend.runs, e.g. odmt-s1")
     parser.add_argument("--user", required=True, help="the user's key in the source data")
-    parser.add_argument("--top", type=int, default=10, help="recommendations shown (at most recommend.k)")
+    parser.add_argument("--top", type=positive, default=10, help="recommendations shown (at most recommend.k)")
     parser.add_argument("--html", type=Path, help="also write the user's page of item thumbnails here")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.html is not None and not args.html.parent.is_dir():
+        log.error("--html %s: the folder %s does not exist", args.html, args.html.parent)
+        return 1
     try:
         print(one_user(args.run, args.user, args.top, args.html, args.params))
     except (FileNotFoundError, KeyError) as err:
-        log.error("%s", err.args[0])
+        log.error("%s", err.args[0] if isinstance(err, KeyError) else err)  # str(KeyError) adds quotes
         return 1
     return 0
+
+
+def positive(value: str) -> int:
+    """--top: an integer >= 1."""
+    if not value.lstrip("+").isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return int(value)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.commands import check_run
 from pipeline.images import MAX_PIXELS, ImageRefused, open_image
 from pipeline.io import read_json
 from pipeline.scoring import split_users
@@ -41,6 +42,7 @@ class ReportConfig:
     def validate(self) -> None:
         if min(self.showcase_users, self.history_shown, self.top_n, self.thumb_height) < 1:
             raise ValueError("showcase_users, history_shown, top_n and thumb_height must be >= 1")
+        check_run(self.showcase_run, "showcase_run")
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -223,12 +225,20 @@ def thumbnail_uri(image: bytes | None, height: int, max_pixels: int = MAX_PIXELS
 
 # Shown as U+FFFD: C0 controls but tab and newline, DEL and C1 controls, bidi embeddings,
 # overrides and isolates (a title with U+202E would reverse the text around it on the page).
-UNSAFE_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_DEL_C1_BIDI = "\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+UNSAFE_CHARACTERS = re.compile(f"[\x00-\x08\x0b-\x1f{_DEL_C1_BIDI}]")
+# In a terminal line, tab and newline too (and ESC, the start of every ANSI escape sequence).
+UNSAFE_IN_A_LINE = re.compile(f"[\x00-\x1f{_DEL_C1_BIDI}]")
 
 
 def escape(text: str) -> str:
     """Text for an HTML page: markup escaped, control and bidi-override characters replaced."""
     return html.escape(UNSAFE_CHARACTERS.sub("\ufffd", text))
+
+
+def printable(text: str) -> str:
+    """Text for one terminal line: control (ANSI escapes included) and bidi characters replaced."""
+    return UNSAFE_IN_A_LINE.sub("\ufffd", text)
 
 
 def showcase_users(num_users: int, count: int) -> np.ndarray:

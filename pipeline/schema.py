@@ -6,6 +6,9 @@ User indices run 0..U-1.
 
 import pyarrow as pa
 
+# What rewrites the ingest stage's tables, for errors about them (pipeline.io.read_checked).
+REINGEST = "rerun `dvc repro ingest`"
+
 ITEMS = pa.schema(
     [
         pa.field("item_idx", pa.int32(), nullable=False),

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from pipeline.commands import check_launcher
 from pipeline.config import to_dict
 from pipeline.io import parquet_writer, write_json
 from pipeline.metrics import ITEM_BLOCK_SIZE, ExcludeHistory
@@ -98,6 +99,7 @@ class ScoreConfig:
     def validate(self) -> None:
         if self.k < 1 or self.user_block_size < 1:
             raise ValueError(f"k and user_block_size must be >= 1, got {self.k} and {self.user_block_size}")
+        check_launcher(self.launcher, "launcher")
 
 
 # --- who is scored, from what, excluding what ------------------------------------------------

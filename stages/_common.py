@@ -9,7 +9,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.commands import run_argument  # noqa: E402
 from pipeline.progress import setup_logging  # noqa: E402
+
+
+def run_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=run_argument, help="training run, {variant}-s{seed}, e.g. odmt-s1")
 
 
 def stage_args(description: str, extra=None) -> argparse.Namespace:

@@ -7,20 +7,20 @@ metrics/{run}.json (HR/NDCG/MRR per split, ranking and cutoff, plus the protocol
 plots/at_k/{run}.json (fused metrics at every cutoff 1..K, for `dvc plots show`).
 """
 
-from _common import stage_args
+from _common import run_option, stage_args
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
+from pipeline import schema
 from pipeline.config import load_section
 from pipeline.evaluation import EvaluateConfig, evaluate_run
-from pipeline.io import write_json
+from pipeline.io import read_checked, write_json
 from pipeline.progress import log
 
-args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
+args = stage_args(__doc__, run_option)
 config = load_section(EvaluateConfig, "evaluate", args.params)
-result, curve = evaluate_run(Path("data/candidates") / args.run, pq.read_table("data/ingest/sequences.parquet"), config)
+result, curve = evaluate_run(Path("data/candidates") / args.run, read_checked("data/ingest/sequences.parquet", schema.SEQUENCES, schema.REINGEST), config)
 write_json(result, Path("metrics") / f"{args.run}.json")
 write_json(curve, Path("plots/at_k") / f"{args.run}.json")
 for split in ("valid", "test"):

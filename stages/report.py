@@ -15,8 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.charts import charts_markdown, report_charts
+from pipeline import schema
 from pipeline.config import load_section
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, read_checked
 from pipeline.report import ReportConfig, group_by_variant, load_runs, markdown_report, recommendations_html
 
 args = stage_args(__doc__)
@@ -28,8 +29,8 @@ pages = {
     "reports/report.md": markdown_report(runs, config) + charts_markdown(charts, "charts"),
     "reports/recommendations.html": recommendations_html(
         pq.read_table(Path("data/candidates") / config.showcase_run / "test.parquet"),
-        pq.read_table(ingest / "sequences.parquet"),
-        pq.read_table(ingest / "items.parquet", columns=["item_idx", "title"]),
+        read_checked(ingest / "sequences.parquet", schema.SEQUENCES, schema.REINGEST),
+        read_checked(ingest / "items.parquet", schema.ITEMS, schema.REINGEST, ["item_idx", "title"]),
         ingest / "images.parquet",
         config,
     ),

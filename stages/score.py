@@ -11,28 +11,29 @@ approximate index). Under torchrun each rank scores a contiguous share of the us
 rank where there are GPUs) and rank 0 merges the shares into the same files one process writes.
 """
 
-from _common import stage_args
+from _common import run_option, stage_args
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
+from pipeline import schema
 from pipeline.config import load_section
+from pipeline.io import read_checked
 from pipeline.evaluation import EvaluateConfig
 from pipeline.scoring import ScoreConfig, score_run
-from pipeline.training import load_trained
+from pipeline.training import TrainConfig, load_trained
 from pipeline.ddp import cleanup, setup
 
-args = stage_args(__doc__, lambda p: p.add_argument("--run", required=True, help="training run, {variant}-s{seed}, e.g. odmt-s1"))
+args = stage_args(__doc__, run_option)
 config = load_section(ScoreConfig, "score", args.params)
 env = setup()  # one process, or this rank of torchrun's (its GPU, a process group)
 device = torch.device("cpu") if config.device == "cpu" else env.device
-model, info = load_trained(Path("models") / args.run, device=device)
+model, info = load_trained(Path("models") / args.run, load_section(TrainConfig, "train", args.params), device)
 exclude_history = load_section(EvaluateConfig, "evaluate", args.params).exclude_history
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
 if "sources" in info:
     provenance["sources"] = {"used": info["sources"], "present": info["source_present"]}
-sequences = pq.read_table("data/ingest/sequences.parquet")
+sequences = read_checked("data/ingest/sequences.parquet", schema.SEQUENCES, schema.REINGEST)
 score_run(model, info["max_len"], sequences, config, Path("data/candidates") / args.run, provenance, exclude_history)
 cleanup(env)

@@ -16,13 +16,19 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
@@ -32,20 +38,26 @@ from test_adapters import GENERIC
 from test_features import png_header
 
 from pipeline import schema
+from pipeline.export import ExportMismatch
+from pipeline.commands import check_launcher
 from pipeline.config import SECTIONS, ConfigError, from_dict, load_section
 from pipeline.features.image import decode_image
-from pipeline.features.text import text_outcomes
+from pipeline.features.text import TextFeaturesConfig, item_text, text_outcomes
 from pipeline.images import BOMB, UNREADABLE, ImageRefused, open_image
 from pipeline.ingest import IngestConfig, SourceError, SplitRules, ingest
 from pipeline.ingest.adapters.amazon2018 import Amazon2018Options, read_amazon2018
 from pipeline.ingest.adapters.generic import GenericOptions, read_generic
 from pipeline.ingest.adapters.hm import HMOptions, read_hm
 from pipeline.ingest.adapters.movielens_mm import MovielensOptions, read_movielens_mm
-from pipeline.io import atomic_path, write_json, write_table
+from pipeline.io import ArtifactError, atomic_path, write_json, write_table
 from pipeline.report import ReportConfig, escape, recommendations_html, thumbnail_uri
+from pipeline.recommend import main as recommend_main
 from pipeline.scoring import candidates_schema
 from pipeline.training import TrainConfig, checkpoint, load_trained
-from pipeline.training.trainer import train
+from pipeline.training import trainer
+from pipeline.training.trainer import native_bf16, train
+from tests.project import attempt, make_project
+from tests.test_recommend import run_stage
 from tests.test_training import toy_config
 from tests.toy import make_toy_dataset
 
@@ -261,6 +273,16 @@ class TestPaths:
         result = ingest(read_generic(root, options), SplitRules())
         assert result.report["counts"]["image_outside_root"] == 1 and not has_image(result, "i1") and has_image(result, "i2")
         assert under(touched, root / "pics") and not under(touched, outside)
+
+    def test_a_nul_byte_in_an_image_path_is_counted_and_named(self, tmp_path, caplog):
+        root = tmp_path / "data"
+        options = write_generic(root, {"i1": "pics/ok.png\x00.jpg", "i2": "pics/ok.png"})
+        (root / "pics").mkdir()
+        (root / "pics" / "ok.png").write_bytes(image_bytes())
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            result = ingest(read_generic(root, options), SplitRules())
+        assert result.report["counts"]["image_bad_path"] == 1 and not has_image(result, "i1") and has_image(result, "i2")
+        assert "ingest: item i1: image_bad_path (" in caplog.text and "/pics/ok.png\\x00.jpg')" in caplog.text
 
     def test_dot_dot_inside_the_folder_is_fine(self, tmp_path):
         root = tmp_path / "data"
@@ -485,6 +507,9 @@ class TestEmpty:
 # --- text and the HTML page ------------------------------------------------------------------
 
 
+TEMPLATE = TextFeaturesConfig().template  # "{title}. {text}"
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
@@ -501,6 +526,10 @@ class TestText:
 
     def test_100k_character_title_is_unknown_only(self, tokenizer):
         assert self.outcomes(tokenizer, ["x" * 100_000 + ". the movie", "x" * 100_000]) == ["fits", "unknown_only"]
+
+    def test_100k_character_title_in_the_default_template_is_unknown_only(self, tokenizer):
+        filled = [item_text(TEMPLATE, True, "x" * 100_000, ""), item_text(TEMPLATE, True, "x" * 100_000, "toy story")]
+        assert filled[0].endswith(".") and self.outcomes(tokenizer, filled) == ["unknown_only", "fits"]
 
     def test_long_text_is_truncated(self, tokenizer):
         assert self.outcomes(tokenizer, ["the movie " * 50_000, "toy story"]) == ["truncated", "fits"]
@@ -584,7 +613,7 @@ class TestArtifactsFromTheRemote:
         (tmp_path / "run").mkdir()
         crafted_pickle(tmp_path / "run/model.pt", marker)
         with pytest.raises(checkpoint.UntrustedArtifactError, match=r"model\.pt: refused to load: .*delete it and rerun `dvc repro`"):
-            load_trained(tmp_path / "run")
+            load_trained(tmp_path / "run", TrainConfig())
         assert not marker.exists()
 
     def test_the_files_training_writes_load_as_plain_data(self, toy, tmp_path):
@@ -593,6 +622,128 @@ class TestArtifactsFromTheRemote:
             state = torch.load(tmp_path / "run" / name, weights_only=True)
             assert isinstance(state["params"], dict) and state["params"]["epochs"] == 1
 
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory) -> Path:
+    """A finished toy run: models/odmt-s1/{model,checkpoint}.pt."""
+    run = tmp_path_factory.mktemp("trained") / "models/odmt-s1"
+    train(toy_config(toy), run, run.parent.parent / "logs")
+    return run
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    elif how == "missing keys":
+        torch.save({"state_dict": {}}, path)
+    else:  # NaN weights
+        saved = torch.load(path, weights_only=True)
+        weights = saved["state_dict" if "state_dict" in saved else "model"]
+        name = next(k for k, v in weights.items() if v.is_floating_point())
+        weights[name].view(-1)[:3] = torch.nan
+        torch.save(saved, path)
+
+
+class TestCorruptArtifacts:
+    """A cut, empty, foreign, incomplete or NaN model.pt is named with what to rerun; such a
+    checkpoint.pt is logged and training starts afresh."""
+
+    @pytest.mark.parametrize(
+        ("how", "error"),
+        [
+            ("truncated", r"model\.pt: cut short or corrupt \("),
+            ("empty", r"model\.pt: empty file"),
+            ("random bytes", r"model\.pt: not a file the train stage writes, corrupt or of another format"),
+            ("missing keys", r"model\.pt: params, info missing"),
+            ("nan", r"model\.pt: state_dict\.\S+ holds 3 NaN or infinite values"),
+        ],
+    )
+    def test_a_broken_model_is_named_with_the_stage_to_rerun(self, trained, tmp_path, how, error):
+        run = tmp_path / "models/odmt-s1"
+        run.mkdir(parents=True)
+        shutil.copy(trained / "model.pt", run / "model.pt")
+        corrupt(run / "model.pt", how)
+        with pytest.raises(ArtifactError, match=error + r".*delete it and rerun `dvc repro train@odmt-1`"):
+            load_trained(run, TrainConfig())
+
+    @pytest.mark.parametrize("how", ["truncated", "empty", "random bytes", "missing keys", "nan"])
+    def test_a_broken_checkpoint_starts_afresh_and_says_so(self, toy, trained, tmp_path, caplog, how):
+        run = tmp_path / "models/odmt-s1"
+        run.mkdir(parents=True)
+        shutil.copy(trained / "checkpoint.pt", run / "checkpoint.pt")
+        corrupt(run / "checkpoint.pt", how)
+        with caplog.at_level(logging.INFO, logger="pipeline"):
+            _, info = train(toy_config(toy), run, tmp_path / "logs")
+        assert f"{run / 'checkpoint.pt'}: " in caplog.text and "; starting afresh" in caplog.text
+        assert "resuming" not in caplog.text and info == torch.load(trained / "model.pt", weights_only=True)["info"]
+
+    def test_nan_vectors_in_an_export_are_refused(self, exported, tmp_path, monkeypatch):
+        project = copy_project(exported, tmp_path)
+        items = pq.read_table(project / f"exports/{RUN}/items.parquet")
+        vectors = np.array(items.column("vector").to_pylist(), dtype=np.float32)
+        vectors[4, :2] = np.nan
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+        pq.write_table(items.set_column(2, "vector", column).replace_schema_metadata(items.schema.metadata), project / f"exports/{RUN}/items.parquet")
+        proc = serve(project / f"exports/{RUN}", {"u": ["i1"]}, tmp_path)
+        assert proc.returncode != 0 and "items.parquet holds NaN or infinite vector values" in proc.stderr
+        with pytest.raises(ExportMismatch, match=r"items\.parquet holds 2 NaN or infinite vector values"):
+            run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+
+
+class TestParquetInputs:
+    """An ingest table of the wrong schema, or cut short, is named with the column and the stage to rerun."""
+
+    @staticmethod
+    def stage_with(exported: Path, tmp_path: Path, monkeypatch, table: str, change) -> None:
+        project = copy_project(exported, tmp_path)
+        path = project / "data/ingest" / table
+        change(path)
+        run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+
+    @pytest.mark.parametrize(
+        ("table", "change", "error"),
+        [
+            ("items.parquet", lambda p: pq.write_table(pq.read_table(p).set_column(1, "item_key", pa.array(range(20))), p),
+             r"items\.parquet: column item_key is int64, expected string"),
+            ("sequences.parquet", lambda p: pq.write_table(pq.read_table(p).drop(["test_item"]), p),
+             r"sequences\.parquet: column test_item is missing"),
+            ("sequences.parquet", lambda p: p.write_bytes(p.read_bytes()[:-100]),
+             r"sequences\.parquet: not a readable Parquet file, cut short or corrupt"),
+        ],
+    )  # fmt: skip
+    def test_a_wrong_ingest_table_is_named(self, exported, tmp_path, monkeypatch, table, change, error):
+        with pytest.raises(ArtifactError, match=error + r".*rerun `dvc repro ingest`"):
+            self.stage_with(exported, tmp_path, monkeypatch, table, change)
+
+
+
+class TestCpuSwitches:
+    """bfloat16 switches on a CPU without bfloat16 instructions are named in the log."""
+
+    AVX2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
+
+    @pytest.mark.parametrize(
+        ("cpuinfo", "native"),
+        [(AVX2, False), (AVX2.replace("avx2", "avx2 avx512f avx512_bf16"), True), ("Features\t: fp asimd sve bf16\n", True),
+         ("Features\t: fp asimd\n", False), ("flags\t: amx_tile amx_bf16\n", True)],
+    )  # fmt: skip
+    def test_native_bf16_is_read_from_the_cpu_flags(self, cpuinfo, native):
+        assert native_bf16(cpuinfo) is native
+
+    @pytest.mark.parametrize("flags", ["avx2", "avx2 avx512_bf16"])
+    def test_training_warns_when_bfloat16_would_be_emulated(self, toy, tmp_path, monkeypatch, caplog, flags):
+        (tmp_path / "cpuinfo").write_text(f"flags\t: fpu {flags}\n")
+        monkeypatch.setattr(trainer, "CPUINFO", tmp_path / "cpuinfo")
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            train(toy_config(toy, cpu_bf16_validation=True), tmp_path / "run", tmp_path / "logs")
+        warned = "train.cpu_bf16_validation: this CPU has no bfloat16 instructions (none of amx_bf16, avx512_bf16, bf16 in"
+        assert (warned in caplog.text) is (flags == "avx2")
 
 class TestResume:
     """A persisted checkpoint resumes only when nothing it was made from has changed."""
@@ -715,3 +866,188 @@ def test_no_code_path_unpickles_freely():
         if "weights_only=False" in p.read_text() or "pickle.load" in p.read_text()
     ]
     assert offenders == []
+
+
+# --- the export: no code when loaded, its files checked against each other and the model ---
+
+RUN = "odmt-s1"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A project folder as the DAG leaves it after export@odmt-s1, and a second model's export
+    (odmt-s2) beside it."""
+    root = tmp_path_factory.mktemp("exported")
+    data = make_toy_dataset(root / "data", num_users=16, num_items=20, seq_len=7)
+    (root / "params.yaml").write_text(yaml.safe_dump({"recommend": {"runs": [RUN], "k": 3}, "train": {}, "report": {}}))
+    with pytest.MonkeyPatch.context() as mp:
+        for seed in (1, 2):
+            train(toy_config(data, seed=seed), root / f"models/odmt-s{seed}", root / f"logs/odmt-s{seed}")
+            run_stage(root, "export.py", "--run", f"odmt-s{seed}", monkeypatch=mp)
+    return root
+
+
+def copy_project(exported: Path, tmp_path: Path) -> Path:
+    shutil.copytree(exported, tmp_path / "project")
+    return tmp_path / "project"
+
+
+def serve(export: Path, histories: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """examples/score_from_export.py in a fresh `python -I` process."""
+    (cwd / "histories.json").write_text(json.dumps(histories))
+    script = ROOT / "examples/score_from_export.py"
+    return subprocess.run([sys.executable, "-I", str(script), str(export), "histories.json"], cwd=cwd, capture_output=True, text=True)
+
+
+class TestExport:
+    def test_a_crafted_user_encoder_runs_nothing_in_the_client(self, exported, tmp_path):
+        project, marker = copy_project(exported, tmp_path), tmp_path / "pwned"
+        crafted_pickle(project / f"exports/{RUN}/user_encoder.onnx", marker)
+        proc = serve(project / f"exports/{RUN}", {"u": ["i1", "i2"]}, tmp_path)
+        assert proc.returncode != 0 and "user_encoder.onnx: not a loadable ONNX model" in proc.stderr
+        assert not marker.exists()
+
+    def test_the_client_refuses_an_index_of_another_export(self, exported, tmp_path):
+        project = copy_project(exported, tmp_path)
+        shutil.copy(project / "exports/odmt-s2/index.faiss", project / f"exports/{RUN}/index.faiss")
+        proc = serve(project / f"exports/{RUN}", {"u": ["i1", "i2"]}, tmp_path)
+        assert proc.returncode != 0 and "index.faiss is not the one items.parquet was written with" in proc.stderr
+
+    @pytest.mark.parametrize(
+        ("rows", "dim", "error"),
+        [
+            (2000, 24, r"2000 index rows and 20 in items\.parquet, the model has 20 items"),
+            (20, 64, r"64-dimensional index, the model's vectors have 24"),
+            (20, 24, r"index\.faiss is not the one items\.parquet was written with"),
+        ],
+    )
+    def test_recommend_refuses_an_index_that_does_not_fit(self, exported, tmp_path, monkeypatch, rows, dim, error):
+        project = copy_project(exported, tmp_path)
+        index = faiss.IndexFlatIP(dim)
+        index.add(np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32))
+        faiss.write_index(index, str(project / f"exports/{RUN}/index.faiss"))
+        with pytest.raises(ExportMismatch, match=rf"exports/{RUN}: .*{error}.*rerun `dvc repro export@{RUN}`"):
+            run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+        assert not (project / "data/recommendations").exists()
+
+    def test_recommend_refuses_the_export_of_another_model(self, exported, tmp_path, monkeypatch):
+        project = copy_project(exported, tmp_path)
+        shutil.rmtree(project / f"exports/{RUN}")
+        shutil.copytree(project / "exports/odmt-s2", project / f"exports/{RUN}")
+        with pytest.raises(ExportMismatch, match=rf"exported from another model than models/{RUN}/model\.pt"):
+            run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+
+
+    def test_a_model_file_does_not_choose_the_feature_files_read(self, exported, tmp_path, monkeypatch, touched):
+        """model.pt's params name feature files outside the project: the stage reads the params' own."""
+        project, outside = copy_project(exported, tmp_path), tmp_path / "outside"
+        shutil.copytree(project / "data/features", outside)
+        saved = checkpoint.load(project / f"models/{RUN}/model.pt")
+        saved["params"] |= {"text_features": str(outside / "text.parquet"), "image_features": str(outside / "image.parquet")}
+        checkpoint.save(saved, project / f"models/{RUN}/model.pt")
+        touched.clear()  # the copies above
+        run_stage(project, "export.py", "--run", RUN, monkeypatch=monkeypatch)
+        assert under(touched, outside) == [] and under(touched, project / "data/features")
+
+
+
+@pytest.fixture
+def recommended(exported, tmp_path, monkeypatch) -> Path:
+    """A copy of the exported project with its recommendations, as the current folder."""
+    project = copy_project(exported, tmp_path)
+    run_stage(project, "recommend.py", "--run", RUN, monkeypatch=monkeypatch)
+    return project
+
+
+class TestOneUser:
+    """`python -m pipeline.recommend --run R --user U`: bad arguments and odd data are named."""
+
+    def test_a_negative_top_is_refused(self, recommended, capsys):
+        with pytest.raises(SystemExit):
+            recommend_main(["--run", RUN, "--user", "u1", "--top", "-3"])
+        assert "argument --top: expected an integer >= 1, got '-3'" in capsys.readouterr().err
+
+    def test_html_into_a_missing_folder_names_it(self, recommended, tmp_path, caplog):
+        assert recommend_main(["--run", RUN, "--user", "u1", "--html", str(tmp_path / "nowhere/u1.html")]) == 1
+        assert f"the folder {tmp_path / 'nowhere'} does not exist" in caplog.text
+
+    def test_a_user_missing_from_the_sequences_is_named(self, recommended, caplog):
+        path = recommended / "data/ingest/sequences.parquet"
+        sequences = pq.read_table(path)
+        pq.write_table(sequences.filter(pc.not_equal(sequences["user_key"], "u1")), path)
+        assert recommend_main(["--run", RUN, "--user", "u1"]) == 1
+        assert "user 'u1' is in data/recommendations/odmt-s1.parquet but not in data/ingest/sequences.parquet" in caplog.text
+
+    def test_control_characters_and_ansi_escapes_do_not_reach_the_terminal(self, recommended, capsys):
+        path = recommended / "data/ingest/items.parquet"
+        items = pq.read_table(path)
+        titles = [f"\x1b[2J\x1b[31mEvil {i}\x07\u202e" for i in range(items.num_rows)]
+        write_table(items.set_column(2, "title", pa.array(titles)), path, schema.ITEMS)
+        assert recommend_main(["--run", RUN, "--user", "u1"]) == 0
+        out = capsys.readouterr().out
+        assert "\ufffd[2J\ufffd[31mEvil " in out and not any(c in out for c in "\x1b\x07\u202e")
+
+# --- params that dvc.yaml writes into command lines ------------------------------------------
+
+CRAFTED_PARAMS = {
+    "score.launcher": {"score": {"launcher": "touch MARK; python"}},
+    "text_features.launcher": {"text_features": {"launcher": "python $(touch MARK)"}},
+    "image_features.launcher": {"image_features": {"launcher": "torchrun --nproc_per_node `touch MARK`"}},
+    r"runs.variant\[1\]": {"runs": {"variant": ["odmt", "x; touch MARK #"]}},
+    r"runs.seed\[0\]": {"runs": {"seed": ["1 && touch MARK"]}},
+    r"recommend.runs\[0\]": {"recommend": {"runs": ["odmt-s1; touch MARK"]}},
+}
+
+
+def make_route(repo: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`make repro` in ``repo`` with a stand-in .venv: this interpreter, installed already."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (venv / "bin/python").chmod(0o755)
+    (venv / ".installed-requirements.txt").touch()
+    return subprocess.run(["make", "-s", "repro", f"VENV={venv}"], cwd=repo, capture_output=True, text=True)
+
+
+class TestParamsInCommands:
+    """dvc.yaml puts these params into shell command lines: each is refused before any runs."""
+
+    @pytest.mark.parametrize("key", list(CRAFTED_PARAMS))
+    def test_make_repro_refuses_a_crafted_param_and_runs_nothing(self, key, tmp_path):
+        repo = make_project(tmp_path / "repo", CRAFTED_PARAMS[key])
+        proc = make_route(repo, tmp_path)
+        assert proc.returncode != 0 and re.search(rf"^{key}: .* is not a", proc.stderr, re.M), proc.stderr
+        assert "Nothing was run" in proc.stderr and not (repo / "MARK").exists()
+
+    @pytest.mark.parametrize("key", [r"score.launcher", r"runs.variant\[1\]"])
+    def test_plain_dvc_repro_stops_at_check_params_and_runs_nothing(self, key, tmp_path):
+        repo = make_project(tmp_path / "repo", CRAFTED_PARAMS[key])
+        proc = attempt(["dvc", "repro"], repo)
+        assert proc.returncode != 0 and "failed to reproduce 'check_params'" in proc.stderr
+        assert re.search(rf"{key}: .* is not a", proc.stdout + proc.stderr) and not (repo / "MARK").exists()
+
+    def test_every_param_in_a_command_line_is_checked(self):
+        """The params that dvc.yaml interpolates into a `cmd` are those check_params declares."""
+        stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+        interpolated = set()
+        for stage in stages.values():
+            cmd = stage.get("cmd") or stage["do"]["cmd"]
+            interpolated |= set(re.findall(r"\$\{([^}]+)\}", cmd))
+            interpolated |= {stage[loop][2:-1] for loop in ("foreach",) if loop in stage}
+            interpolated |= {v[2:-1] for v in stage.get("matrix", {}).values()}
+        interpolated = {name for name in interpolated if not name.startswith(("item", "key"))}
+        assert interpolated == {"text_features.launcher", "image_features.launcher", "score.launcher", "runs.variant", "runs.seed", "recommend.runs"}
+        declared = set(stages["check_params"]["params"])
+        assert {name for name in interpolated if name not in declared and name.split(".")[0] not in declared} == set()
+        assert "data/params_check.txt" in stages["ingest"]["deps"]  # so that every stage is downstream of the check
+
+    @pytest.mark.parametrize(
+        "launcher", ["python", "torchrun --nproc_per_node 8", "torchrun --standalone --nnodes=1 --nproc-per-node=2"]
+    )
+    def test_the_documented_launchers_pass(self, launcher):
+        assert check_launcher(launcher, "score.launcher") == launcher
+
+    def test_a_stage_refuses_a_run_name_that_is_not_one(self, tmp_path, monkeypatch, capsys):
+        with pytest.raises(SystemExit):
+            run_stage(tmp_path, "evaluate.py", "--run", "../../etc-s1", monkeypatch=monkeypatch)
+        assert "argument --run: --run: '../../etc-s1' is not a run name" in capsys.readouterr().err

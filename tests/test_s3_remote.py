@@ -124,7 +124,7 @@ def test_push_from_one_clone_pull_into_another_and_nothing_to_reproduce(s3, tmp_
     assert "Running stage" not in run(["dvc", "repro"], two, NO_AWS)
     assert "up to date" in run(["dvc", "status"], two, NO_AWS)
     expected = outputs(one)
-    assert {"exports/sasrec_id-s1/user_encoder.pt2", "data/recommendations/sasrec_id-s1.parquet", "reports/charts/at_k.png"} <= set(expected)
+    assert {"exports/sasrec_id-s1/user_encoder.onnx", "data/recommendations/sasrec_id-s1.parquet", "reports/charts/at_k.png"} <= set(expected)
     assert outputs(two) == expected
 
     # A read-only key: push fails with a clear error, and the remote is as it was.

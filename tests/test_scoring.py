@@ -326,7 +326,8 @@ def test_two_cpu_ranks_write_the_files_of_one_process(tmp_path):
     train(toy_config(data, epochs=1), tmp_path / "models" / run, tmp_path / "logs" / run)
     # 5 blocks of 5 users: ranks of 2 and 3 blocks; IVF with one list probed, so recall@K < 1 is merged too
     score = {"k": 5, "user_block_size": 5, "device": "cpu", "index": {"type": "ivf", "nlist": 4, "nprobe": 1}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"score": score, "evaluate": {"exclude_history": "all_but_target"}}))
+    params = {"score": score, "evaluate": {"exclude_history": "all_but_target"}, "train": {}}  # train: the feature files' paths
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     stage = [str(ROOT / "stages/score.py"), "--run", run]
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": None, "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks, however many GPUs
     project.run([sys.executable, *stage], tmp_path, env)

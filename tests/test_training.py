@@ -441,7 +441,7 @@ def test_every_variant_and_backbone_learns_the_planted_signal(signal, tmp_path, 
     popularity, random = baseline_hit_rates(signal)
     assert max(popularity, random) < 0.3
     assert info["test"]["fused"]["hr@10"] > max(popularity, random) + 0.15, (info["test"]["fused"], popularity, random)
-    model, loaded = load_trained(tmp_path / "run")
+    model, loaded = load_trained(tmp_path / "run", cfg)
     assert loaded == info and not model.training and info["branches"] == list(VARIANTS[variant].branches)
     assert model.item_vectors().shape == (51, len(info["branches"]) * 16)
 
@@ -461,7 +461,7 @@ def test_loading_a_trained_model_skips_the_content_init_and_scores_the_same(toy,
         raise AssertionError("load_trained recomputed the ID initialisation")
 
     monkeypatch.setattr(odmt, "initial_id_table", refuse)
-    model, _ = load_trained(tmp_path / "run")
+    model, _ = load_trained(tmp_path / "run", cfg)
     reference.eval()
     sequences = torch.tensor([[0, 3, 5, 7], [1, 2, 3, 4]])
     with torch.no_grad():
@@ -718,16 +718,17 @@ def test_stage_script(toy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py", "--variant", "sasrec_id", "--seed", "3", "--params", "params.yaml"])
     runpy.run_path(str(ROOT / "stages/train.py"), run_name="__main__")
-    model, info = load_trained(tmp_path / "models/sasrec_id-s3")
+    model, info = load_trained(tmp_path / "models/sasrec_id-s3", toy_config(toy))
     assert (info["variant"], info["seed"], info["branches"], info["exclude_history"]) == ("sasrec_id", 3, ["id"], "all_but_target")
     assert (tmp_path / "logs/sasrec_id-s3/metrics.json").exists()
 
 
 @pytest.mark.gpu
 def test_cuda_amp_training_and_cpu_loading(toy, tmp_path):
-    model, info = train(toy_config(toy, epochs=2), tmp_path / "run", tmp_path / "logs")
+    cfg = toy_config(toy, epochs=2)
+    model, info = train(cfg, tmp_path / "run", tmp_path / "logs")
     assert next(model.parameters()).is_cuda
     saved = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
     assert saved["scaler"]  # the float16 loss scaler is in use and checkpointed
-    loaded, _ = load_trained(tmp_path / "run", device="cpu")
+    loaded, _ = load_trained(tmp_path / "run", cfg, device="cpu")
     assert not next(loaded.parameters()).is_cuda and loaded.item_vectors().shape[0] == 21

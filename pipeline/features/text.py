@@ -20,6 +20,7 @@ import importlib
 import importlib.metadata
 import string
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,15 +184,22 @@ def item_text(template: str, lowercase: bool, title: str | None, text: str | Non
     return filled.lower() if lowercase else filled
 
 
+def _punctuation(token: str) -> bool:
+    return all(unicodedata.category(c).startswith("P") for c in token)
+
+
 def text_outcomes(tokenizer, ids: list[list[int]], max_tokens: int) -> list[str]:
-    """Per tokenized text: `unknown_only` when nothing but the unknown token is left (a word
-    longer than WordPiece's 100 characters, a script the vocabulary lacks), else `truncated` when
-    it is cut to `max_tokens`, else `fits`."""
+    """Per tokenized text: `unknown_only` when nothing but the unknown token and punctuation is
+    left (a word longer than WordPiece's 100 characters, a script the vocabulary lacks; the
+    punctuation may be the template's own, as the "." of "{title}. {text}"), else `truncated`
+    when it is cut to `max_tokens`, else `fits`."""
     unknown = tokenizer.unk_token_id
-    special = set(tokenizer.all_special_ids) - {unknown}
+    seen = {t for seq in ids for t in seq}
+    punctuation = {t for t in seen if _punctuation(tokenizer.convert_ids_to_tokens(t))}
+    ignored = (set(tokenizer.all_special_ids) - {unknown}) | punctuation
     outcomes = []
     for seq in ids:
-        words = {t for t in seq if t not in special}
+        words = {t for t in seq if t not in ignored}
         outcomes.append("unknown_only" if words == {unknown} else "truncated" if len(seq) > max_tokens else "fits")
     return outcomes
 

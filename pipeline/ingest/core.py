@@ -50,6 +50,7 @@ from .adapters.base import BadValues, RawSource, SourceError
 # What can be wrong with an item's image, as counted in the report (the first few are logged)
 IMAGE_PROBLEMS = (
     "image_absolute_path",
+    "image_bad_path",
     "image_outside_root",
     "image_missing",
     "image_too_large",
@@ -211,7 +212,7 @@ def check_images(items: pl.DataFrame, rules: SplitRules, roots: tuple[Path, ...]
         if problem:
             dropped[problem] += 1
             if problem in IMAGE_PROBLEMS and sum(dropped[p] for p in IMAGE_PROBLEMS) <= MAX_LOGGED_PROBLEMS:
-                log.warning("ingest: item %s: %s (%s)", key, problem, path)
+                log.warning("ingest: item %s: %s (%r)", key, problem, path)
         kept.append(image is not None)
         progress.update(1)
     progress.close()
@@ -261,6 +262,8 @@ def _read_image(
         return None, refused
     if path is None:
         return None, "image_url_only" if url else "image_none"
+    if "\x00" in path:  # no file system takes it (os calls raise ValueError)
+        return None, "image_bad_path"
     file = resolved_inside(Path(path), roots)  # read by its resolved path: a link swapped later is not followed
     if file is None:
         return None, "image_outside_root"

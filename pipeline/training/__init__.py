@@ -3,7 +3,7 @@ point (`train` in trainer.py), and `load_trained` for the stages that use a trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +11,7 @@ import torch
 
 from ..config import from_dict
 from ..features.store import load_token_features, present_fraction
+from ..io import ArtifactError
 from ..models.odmt import ODMT, THREE, VARIANTS, ModelConfig
 from ..progress import log
 from . import checkpoint
@@ -124,16 +125,23 @@ def build_model(cfg: TrainConfig, num_items: int, sources: tuple[str, ...] | Non
     return ODMT(cfg.model, num_items, text, image, tuple(sources), content_init)
 
 
-def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[ODMT, dict[str, Any]]:
+def load_trained(run_dir: Path, current: TrainConfig, device: str | torch.device = "cpu") -> tuple[ODMT, dict[str, Any]]:
     """The best-validation model of a training run (run_dir/model.pt), in eval mode, and its
     info: variant, backbone, seed, max_len, branches, branch_dim, num_items, best_epoch,
-    epochs_trained and the valid/test metrics measured at the end of training."""
+    epochs_trained and the valid/test metrics measured at the end of training.
+
+    The feature files are those of ``current`` (the `train` params of now, whose files are the
+    stage's DVC deps), never the paths saved in model.pt: a pulled artifact chooses no file."""
     path = Path(run_dir) / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained model; run the train stage for this variant and seed")
-    saved = checkpoint.load(path)
+    saved = checkpoint.load(path, checkpoint.MODEL_KEYS, checkpoint.MODEL_WEIGHTS)
     cfg = from_dict(TrainConfig, saved["params"], f"{path} params")
+    cfg = replace(cfg, text_features=current.text_features, image_features=current.image_features)
     # The saved state replaces the ID table: no content initialisation (an SVD) to compute first.
     model = build_model(cfg, saved["info"]["num_items"], saved["info"].get("sources"), content_init=False)
-    model.load_state_dict(saved["state_dict"])
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights
+        raise ArtifactError(f"{path}: its weights do not fit its params ({err}); {checkpoint.rerun_train(path)}") from None
     return model.to(device).eval(), saved["info"]

@@ -11,7 +11,9 @@ model.pt: the best-validation weights, the params and an info dict (see load_tra
 
 Both files travel through the team's DVC remote, so they are loaded as data only
 (`torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts); a file that would
-need to run code to load is refused.
+need to run code to load is refused. A file that is cut short, corrupt, lacks a key or holds
+NaN/inf weights is an ArtifactError naming it and what to rerun; for checkpoint.pt that means
+training starts afresh (logged).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_path
+from ..commands import RUN
+from ..io import ArtifactError, atomic_path
 from ..progress import log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,21 +47,51 @@ TRAIN_CODE = (
 )
 
 
+# What each file holds (the trainer writes them), and which of its entries are weights.
+MODEL_KEYS, MODEL_WEIGHTS = ("state_dict", "params", "info"), ("state_dict",)
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "params", "epoch", "best_score", "best_epoch", "best_state", "bad_epochs")
+CHECKPOINT_WEIGHTS = ("model", "best_state")
+
+
 class UntrustedArtifactError(RuntimeError):
     """A model or checkpoint file that holds more than plain data (a crafted pickle)."""
 
 
-def load(path: Path) -> dict[str, Any]:
-    """A model.pt or checkpoint.pt as plain data, without running any code it may carry."""
+def rerun_train(path: Path) -> str:
+    """What rewrites models/{variant}-s{seed}/*.pt: its train stage (dvc.yaml names it train@{variant}-{seed})."""
+    match = RUN.fullmatch(Path(path).parent.name)
+    stage = f"train@{match['variant']}-{match['seed']}" if match else "the train stage of this run"
+    return f"delete it and rerun `dvc repro {stage}`"
+
+
+def load(path: Path, keys: tuple[str, ...] = (), weights: tuple[str, ...] = (), rerun: str | None = None) -> dict[str, Any]:
+    """A model.pt or checkpoint.pt as plain data, without running any code it may carry, with
+    ``keys`` present and every float tensor of the ``weights`` entries finite."""
+    rerun = rerun or rerun_train(path)
+    if Path(path).stat().st_size == 0:
+        raise ArtifactError(f"{path}: empty file; {rerun}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if not any("global" in line.lower() for line in lines):  # not a crafted object: bytes that are no pickle
+            raise ArtifactError(f"{path}: not a file the train stage writes, corrupt or of another format; {rerun}") from None
         raise UntrustedArtifactError(
             f"{path}: refused to load: it holds objects other than tensors and plain data, and "
-            f"loading it would run code ({reason}). If it came from the DVC remote, someone pushed a "
+            f"loading it would run code ({lines[0]}). If it came from the DVC remote, someone pushed a "
             "file this pipeline does not write: delete it and rerun `dvc repro` to rebuild it."
         ) from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+        raise ArtifactError(f"{path}: cut short or corrupt ({type(err).__name__}: {err}); {rerun}") from None
+    missing = [key for key in keys if key not in saved] if isinstance(saved, dict) else list(keys)
+    if missing:
+        raise ArtifactError(f"{path}: {', '.join(missing)} missing, not a file the train stage writes; {rerun}")
+    for key in weights:
+        for name, tensor in (saved[key] or {}).items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ArtifactError(f"{path}: {key}.{name} holds {bad} NaN or infinite values; {rerun}")
+    return saved
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
@@ -98,7 +131,11 @@ def load_compatible(path: Path, params: dict[str, Any], inputs: dict[str, str], 
     checkpoint of other data or params is refused for that, whatever its epochs."""
     if not path.exists():
         return None
-    state = load(path)
+    try:
+        state = load(path, CHECKPOINT_KEYS, CHECKPOINT_WEIGHTS, rerun="starting afresh")
+    except ArtifactError as err:  # a run killed mid-write by the disk, say: its epochs are lost, not the run
+        log.warning("%s", err)
+        return None
     for what, saved, current in (
         ("params", {k: v for k, v in state["params"].items() if k != "epochs"}, {k: v for k, v in params.items() if k != "epochs"}),
         ("input files", state.get("inputs", {}), inputs),

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from .. import schema
+from ..io import read_checked
 from ..metrics import ExcludeHistory
 from ..scoring import Ragged, SplitUsers, left_pad, split_users
 
@@ -37,9 +39,9 @@ class SequenceData:
 
 
 def load_sequences(sequences_path: str | Path, popularity_path: str | Path, max_len: int, exclude_history: ExcludeHistory = "all") -> SequenceData:
-    table = pq.read_table(sequences_path).sort_by("user_idx")
+    table = read_checked(sequences_path, schema.SEQUENCES, schema.REINGEST).sort_by("user_idx")
     train = Ragged.from_arrow(table["train_items"])
-    popularity = pq.read_table(popularity_path)
+    popularity = read_checked(popularity_path, schema.POPULARITY, schema.REINGEST)
     item_idx = popularity["item_idx"].to_numpy()
     num_items = int(item_idx.max(initial=0))
     counts = torch.zeros(num_items + 1, dtype=torch.int64)
