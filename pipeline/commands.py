@@ -6,7 +6,7 @@ shell code. So every such param is held to a strict form here:
 
 - `text_features.launcher`, `image_features.launcher`, `score.launcher`: `python`, or `torchrun`
   with only the flags of LAUNCHER_FLAGS, each with a plain value (letters, digits, `_.:-`);
-- `runs.variant`: names of pipeline.models.odmt.VARIANTS; `runs.seed`: non-negative integers;
+- `runs.variant`: names of pipeline.models.variants.VARIANTS; `runs.seed`: non-negative integers;
 - `recommend.runs`, `report.showcase_run`: `{variant}-s{seed}` of such a variant and seed.
 
 Where the check runs, so that it comes first: the `check_params` stage of dvc.yaml (every
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, load_params
-from pipeline.models.odmt import VARIANTS
+from pipeline.models.variants import VARIANTS
 
 LAUNCHER_FLAGS = ("nproc_per_node", "nproc-per-node", "nnodes", "node_rank", "node-rank", "master_addr", "master-addr",
                   "master_port", "master-port", "rdzv_backend", "rdzv-backend", "rdzv_endpoint", "rdzv-endpoint",

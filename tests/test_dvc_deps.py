@@ -86,8 +86,11 @@ def stage_definition(stage: dict) -> dict:
 @pytest.mark.parametrize("name", sorted(stages()))
 def test_a_stage_lists_exactly_the_code_its_script_runs(name):
     stage = stage_definition(stages()[name])
-    scripts = re.findall(r"stages/\w+\.py", stage["cmd"])
-    assert len(scripts) == 1, f"{name}: expected one stages/*.py script in its cmd, found {scripts}"
+    # a stage script, or a module run with `python -m pipeline.<module>` (check_params)
+    scripts = re.findall(r"stages/\w+\.py", stage["cmd"]) + [
+        module.replace(".", "/") + ".py" for module in re.findall(r"-m (pipeline(?:\.\w+)+)", stage["cmd"])
+    ]
+    assert len(scripts) == 1, f"{name}: expected one stages/*.py script or pipeline module in its cmd, found {scripts}"
     runs = project_code(ROOT / scripts[0])
     listed = [d for d in stage["deps"] if isinstance(d, str) and d.startswith(CODE)]
 

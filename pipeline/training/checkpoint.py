@@ -41,6 +41,7 @@ TRAIN_CODE = (
     "pipeline/evaluation.py",
     "pipeline/features/store.py",
     "pipeline/ddp.py",
+    "pipeline/commands.py",
     "pipeline/io.py",
     "pipeline/progress.py",
     "pipeline/schema.py",
