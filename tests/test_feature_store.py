@@ -201,3 +201,15 @@ def test_an_unreadable_part_is_encoded_again_and_deleted(tmp_path, caplog):
     assert len(store.index) == 4 and f"{cut.name} is unreadable" in caplog.text
     store.compact(list(store.index), 4, {})
     assert not cut.exists() and len(parts(tmp_path / "s")) == 1
+
+
+def test_an_index_whose_shape_disagrees_with_its_parts_names_the_part(tmp_path):
+    """Wrong `num_tokens` metadata (a hand-edited or foreign index): the parts' schema says otherwise."""
+    write_store(tmp_path / "s", n=4)
+    path = tmp_path / "s" / INDEX
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items() if k != b"ARROW:schema"}
+    meta["num_tokens"] = str(NUM_TOKENS + 2)
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    with pytest.raises(StoreError, match=rf"{parts(tmp_path / 's')[0].name}: schema differs from feature_part\({NUM_TOKENS + 2}, {DIM}\)"):
+        load_token_features(tmp_path / "s")

@@ -421,6 +421,20 @@ def test_changing_the_encoder_or_its_preprocessing_invalidates_the_cache(tmp_pat
         old_parts = parts
 
 
+def test_a_catalogue_without_images_gets_a_store_named_as_ingest_counts_and_no_empty_breakdown(tmp_path, tiny_cnn, caplog):
+    """Issue 25: a text-only catalogue met `missing` where ingest says `image_none`, an empty
+    "work:" line, and DVC's warning about an empty cache folder. Now: one outcome name, no
+    breakdown when nothing was encoded, and a store that always holds its index."""
+    images = write_images(tmp_path / "images.parquet", [None] * 4)
+    config = ImageFeaturesConfig(model="test_efficientnet", weights=str(tiny_cnn), size=64, num_workers=0)
+    caplog.set_level("INFO", logger="pipeline")
+    summary = extract_image_features(config, images, tmp_path / "image")
+    assert summary["counts"] == {"image_none": 4} and summary["encoded"] == 0
+    assert [p.name for p in (tmp_path / "image").iterdir()] == [INDEX]  # not an empty folder
+    assert "work:" not in caplog.text
+    assert not load_token_features(tmp_path / "image").present.any()
+
+
 def test_images_in_many_small_row_groups_give_the_same_features(tmp_path, tiny_cnn):
     """Ingest writes images.parquet in row groups of bounded bytes, not aligned with chunk_size:
     the stage streams across them and writes what it writes from one row group."""
