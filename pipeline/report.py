@@ -158,6 +158,8 @@ def comparison_lines(groups: dict[str, list[dict]], config: ReportConfig, user_v
         return lines + [f"No run of the proposed variant '{config.proposed}' was evaluated."]
     if config.proposed not in tested:
         return lines + [f"No per-user values for {config.proposed}: no significance test."]
+    if len(tested) == 1:
+        return lines + ["No other variant with per-user values was evaluated."]
     lines += [
         f"Test split, fused score: {config.proposed} − other in points [{compare.CONFIDENCE:.0%} interval], the relative "
         f"change of the means, and the p-value of a paired randomization test over users ({compare.RESAMPLES} resamples). "
@@ -221,9 +223,9 @@ def training_lines(runs: list[dict]) -> list[str]:
             described.append(f"{info['run']} {epochs} epochs (best {best}, the maximum)")
             if info.get("patience") and epochs - best < info["patience"]:
                 warnings.append(
-                    f"**Warning**: {info['run']} reached the maximum of {epochs} epochs (train.epochs) with its best epoch "
-                    f"{best}, less than train.patience ({info['patience']}) before: it may not have converged, and "
-                    "variants may be compared at unequal convergence."
+                    f"**Warning**: {info['run']} reached the maximum of {epochs} epochs (train.epochs) and its best epoch "
+                    f"({best}) was fewer than train.patience ({info['patience']}) epochs before: it may not have converged, "
+                    "and variants may be compared at unequal convergence."
                 )
     if not described:
         return []

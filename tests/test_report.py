@@ -129,7 +129,7 @@ def test_training_lines_say_how_each_run_stopped_and_warn_when_it_did_not_conver
         "Training (early stopping with patience 10 on validation; the best-validation epoch's weights are kept): "
         "odmt-s1 57 epochs (best 47, early-stopped); sasrec_id-s1 100 epochs (best 95, the maximum)."
     )
-    assert lines[1].startswith("**Warning**: sasrec_id-s1 reached the maximum of 100 epochs") and len(lines) == 2
+    assert lines[1].startswith("**Warning**: sasrec_id-s1 reached the maximum of 100 epochs (train.epochs) and its best epoch (95) was fewer") and len(lines) == 2
     runs[1]["run"]["best_epoch"] = 90  # best 10 epochs before the maximum: converged by the same rule
     assert len(training_lines(runs)) == 1
 

@@ -496,7 +496,7 @@ def test_a_run_that_reaches_the_maximum_still_improving_is_warned(toy, tmp_path,
     with caplog.at_level(logging.INFO, logger="pipeline"):
         _, info = train(toy_config(toy, epochs=3, patience=2), tmp_path / "run", tmp_path / "logs")
     assert (info["epochs_trained"], info["best_epoch"], info["stop_reason"]) == (3, 3, "max_epochs")
-    assert "stopped at the maximum of 3 epochs (train.epochs) while validation was still improving" in caplog.text
+    assert "stopped at the maximum of 3 epochs (train.epochs) with validation still improving: best epoch 3" in caplog.text
 
 
 def test_resume_equals_uninterrupted(toy, tmp_path):

@@ -149,10 +149,10 @@ def patience_ran_out(cfg: TrainConfig, bad_epochs: int) -> bool:
 def _log_stop(cfg: TrainConfig, epochs: int, best_epoch: int, reason: str) -> None:
     if reason == "patience":
         log.info("stopped after epoch %d: no better valid fused %s in %d epochs (train.patience); best epoch %d", epochs, cfg.select_metric, cfg.patience, best_epoch)
-    elif cfg.patience and epochs - best_epoch < cfg.patience:
+    elif cfg.patience:  # the best epoch less than patience before the maximum
         log.warning(
-            "stopped at the maximum of %d epochs (train.epochs) while validation was still improving (best epoch %d, "
-            "train.patience %d): the run may not have converged; raise train.epochs", epochs, best_epoch, cfg.patience,
+            "stopped at the maximum of %d epochs (train.epochs) with validation still improving: best epoch %d, less than "
+            "train.patience (%d) epochs before; the run may not have converged: raise train.epochs", epochs, best_epoch, cfg.patience,
         )
     else:
         log.info("stopped at the maximum of %d epochs (train.epochs); best epoch %d", epochs, best_epoch)
