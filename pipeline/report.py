@@ -183,10 +183,11 @@ def comparison_lines(groups: dict[str, list[dict]], config: ReportConfig, user_v
         lines.append(table_row([variant, *cells]))
     lines += ["", *verdict_lines(findings, config.proposed, label)]
     if any(len(group) == 1 for group in tested.values()):
-        lines.append(
+        lines += [
+            "",
             "A variant with one seed: its interval and tests cover which users were sampled, not how much another "
-            "training seed would move its numbers; run more seeds (runs.seed) before relying on a small difference."
-        )
+            "training seed would move its numbers; run more seeds (runs.seed) before relying on a small difference.",
+        ]
     return lines
 
 
