@@ -6,7 +6,8 @@ the number of items in the user's candidate list (history already excluded by sc
 whole catalogue) scoring at least as high as the target, itself included, so an item tied with it
 ranks before it; the lists never cut a tie group at K (scoring.search_whole_ties), so this is the
 rank among all items. A target outside the top K, or with a score that is not finite, counts as a
-miss at every cutoff, so cutoffs must not exceed K. Metric values are fractions (0..1), means over users.
+miss at every cutoff, so cutoffs must not exceed K. Metric values are fractions (0..1), means over users;
+each user's own values are kept too (user_values), for paired comparisons between runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io import read_json
-from pipeline.metrics import ExcludeHistory, summarize
+from pipeline.metrics import ExcludeHistory, per_user, summarize
 from pipeline.scoring import SPLITS, SplitUsers, candidate_columns, split_users
 
 
@@ -70,9 +71,10 @@ def split_ranks(candidates: pa.Table, users: SplitUsers, ranking: str, source: s
     return target_ranks(candidates.column(items), candidates.column(scores), targets)
 
 
-def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConfig) -> tuple[dict, list[dict]]:
-    """The metrics file of one run (metrics per split and ranking, protocol, run) and its
-    metrics-against-K rows (fused ranking, every cutoff 1..K) for dvc plots."""
+def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConfig) -> tuple[dict, list[dict], pa.Table]:
+    """The metrics file of one run (metrics per split and ranking, protocol, run), its
+    metrics-against-K rows (fused ranking, every cutoff 1..K) for dvc plots, and its per-user
+    table (user_values: what `python -m pipeline.compare` pairs between runs)."""
     scoring = read_json(candidates_dir / "scoring.json")
     k = scoring["k"]
     if scoring.get("exclude_history") != config.exclude_history:
@@ -87,7 +89,7 @@ def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConf
         )
     result: dict = {}
     curve = [{"k": cutoff} for cutoff in range(1, k + 1)]
-    users_per_split, in_history = {}, {}
+    users_per_split, in_history, per_user_parts = {}, {}, []
     for split in SPLITS:
         path = candidates_dir / f"{split}.parquet"
         users = split_users(sequences, split, config.exclude_history)
@@ -98,6 +100,7 @@ def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConf
             candidates = pq.read_table(path, columns=["user_idx", *candidate_columns(ranking)])
             ranks = split_ranks(candidates, users, ranking, str(path))
             result[split][ranking] = summarize(ranks, tuple(config.ks))
+            per_user_parts.append(user_values(candidates.column("user_idx").to_numpy(), split, ranking, ranks, tuple(config.ks)))
             if ranking == "fused":
                 for row in curve:
                     for name, value in summarize(ranks, (row["k"],)).items():
@@ -126,5 +129,20 @@ def evaluate_run(candidates_dir: Path, sequences: pa.Table, config: EvaluateConf
     if "sources" in run:  # the item sources the model used, and the share of catalogue items having each
         result["protocol"]["sources"] = run.pop("sources")
     result["run"] = run | {"rankings": scoring["rankings"]}
-    return result, curve
+    return result, curve, pa.concat_tables(per_user_parts)
+
+
+def user_values(user_idx: np.ndarray, split: str, ranking: str, ranks: np.ndarray, ks: tuple[int, ...]) -> pa.Table:
+    """One row per user, in user_idx order: split, ranking, the target's rank (inf: not in the
+    candidates) and each metric of the metrics file for this user alone (their mean over users
+    is the metrics file's value, up to the float rounding of another summation order)."""
+    order = np.argsort(user_idx, kind="stable")
+    columns = {
+        "user_idx": pa.array(user_idx[order].astype(np.int64)),
+        "split": pa.array([split] * len(order), pa.string()),
+        "ranking": pa.array([ranking] * len(order), pa.string()),
+        "rank": pa.array(ranks[order]),
+    }
+    columns |= {name: pa.array(values[order]) for name, values in per_user(ranks, ks).items()}
+    return pa.table(columns)
 

@@ -87,30 +87,36 @@ def _ranked_block(scores: torch.Tensor, start: int, excluded: torch.Tensor) -> t
 
 def hit_rate(ranks, k: int) -> float:
     """HR@k: share of users whose target is in the top k (= Recall@k with one target)."""
-    ranks = _as_array(ranks)
-    return float(np.mean(ranks <= k)) if len(ranks) else 0.0
+    return summarize(ranks, (k,))[f"hr@{k}"]
 
 
 def ndcg(ranks, k: int) -> float:
     """NDCG@k with one relevant item: 1 / log2(rank + 1) when rank <= k, else 0."""
-    ranks = _as_array(ranks)
-    gains = np.where(ranks <= k, 1.0 / np.log2(np.minimum(ranks, k) + 1.0), 0.0)
-    return float(np.mean(gains)) if len(ranks) else 0.0
+    return summarize(ranks, (k,))[f"ndcg@{k}"]
 
 
 def mrr(ranks, k: int) -> float:
     """MRR@k: 1 / rank when rank <= k, else 0."""
-    ranks = _as_array(ranks)
-    return float(np.mean(np.where(ranks <= k, 1.0 / np.minimum(ranks, k), 0.0))) if len(ranks) else 0.0
+    return summarize(ranks, (k,))[f"mrr@{k}"]
 
 
 def summarize(ranks, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
-    """{"hr@k", "ndcg@k", "mrr@k"} for each k."""
+    """{"hr@k", "ndcg@k", "mrr@k"} for each k: the means over users of per_user (0 without users)."""
+    return {name: float(np.mean(values)) if len(values) else 0.0 for name, values in per_user(ranks, ks).items()}
+
+
+def per_user(ranks, ks: tuple[int, ...] = (10,)) -> dict[str, np.ndarray]:
+    """Each user's value of "hr@k", "ndcg@k" and "mrr@k" for each k (what paired statistics
+    compare): hit 1 when rank <= k, gain 1 / log2(rank + 1) and reciprocal rank 1 / rank when
+    rank <= k, else 0."""
+    ranks = _as_array(ranks)
     out = {}
     for k in ks:
-        out[f"hr@{k}"] = hit_rate(ranks, k)
-        out[f"ndcg@{k}"] = ndcg(ranks, k)
-        out[f"mrr@{k}"] = mrr(ranks, k)
+        hit = ranks <= k
+        capped = np.minimum(ranks, k)  # finite and >= 1 where it is read
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(capped + 1.0), 0.0)
+        out[f"mrr@{k}"] = np.where(hit, 1.0 / capped, 0.0)
     return out
 
 

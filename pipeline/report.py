@@ -3,7 +3,9 @@ what the recommendations look like (self-contained HTML, item images inlined as 
 
 Input is the metrics files the evaluate stage writes (one per run, metrics/{run}.json), so
 the report covers whatever runs the DAG evaluated; runs of one variant with different seeds
-are aggregated as mean ± sample standard deviation.
+are aggregated as mean ± sample standard deviation. The per-user files beside them
+(metrics/{run}.users.parquet) give each variant's interval over users and the paired tests of
+the proposed variant against each other one (pipeline.compare); the words follow those numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import compare
 from pipeline.commands import check_run
 from pipeline.images import MAX_PIXELS, ImageRefused, open_image
 from pipeline.io import read_json
@@ -60,6 +63,12 @@ def load_runs(metrics_dir: Path) -> list[dict]:
     return runs
 
 
+def load_user_values(metrics_dir: Path, runs: list[dict]) -> dict[str, pa.Table]:
+    """Run name -> its per-user file (metrics/{run}.users.parquet), for the runs that have one."""
+    paths = {run["run"]["run"]: Path(metrics_dir) / f"{run['run']['run']}.users.parquet" for run in runs}
+    return {name: pq.read_table(path) for name, path in paths.items() if path.exists()}
+
+
 def group_by_variant(runs: list[dict], config: ReportConfig) -> dict[str, list[dict]]:
     """variant -> its runs (one per seed), in table order: config.variants, or the proposed
     variant first and the rest alphabetically."""
@@ -86,19 +95,18 @@ def relative_gain(ours: float, theirs: float) -> str:
     return f"{100 * (ours - theirs) / theirs:+.1f}%" if theirs > 0 else "n/a"
 
 
-def mean_value(group: list[dict], split: str, ranking: str, metric: str) -> float:
-    return mean_std([run[split][ranking][metric] for run in group])[0]
-
-
 def cell(group: list[dict], split: str, ranking: str, metric: str) -> str:
     return percent(*mean_std([run[split][ranking][metric] for run in group]))
 
 
-def markdown_report(runs: list[dict], config: ReportConfig) -> str:
+def markdown_report(runs: list[dict], config: ReportConfig, user_values: dict[str, pa.Table] | None = None) -> str:
+    """The report; `user_values`: run name -> its per-user file (metrics/{run}.users.parquet),
+    behind the intervals and the significance tests (runs without one get neither)."""
     groups = group_by_variant(runs, config)
+    user_values = user_values or {}
     metrics = config.metrics
     label = {m: m.replace("hr", "HR").replace("ndcg", "NDCG").replace("mrr", "MRR") for m in metrics}
-    lines = ["# Results", "", *protocol_lines(runs, config)]
+    lines = ["# Results", "", *protocol_lines(runs, config), *training_lines(runs)]
 
     lines += ["", "## All variants", "", "Fused score, in % (mean ± sample std over seeds when several ran).", ""]
     header = ["variant", "seeds"] + [f"{split} {label[m]}" for split in ("valid", "test") for m in metrics]
@@ -108,19 +116,7 @@ def markdown_report(runs: list[dict], config: ReportConfig) -> str:
         seeds = ", ".join(str(run["run"]["seed"]) for run in group)
         lines.append(table_row([name, seeds] + [cell(group, split, "fused", m) for split in ("valid", "test") for m in metrics]))
 
-    ours = groups.get(config.proposed)
-    lines += ["", f"## Relative improvement of {config.proposed}", ""]
-    if ours is None:
-        lines.append(f"No run of the proposed variant '{config.proposed}' was evaluated.")
-    else:
-        lines += [f"(mean {config.proposed} − mean other) / mean other, test split, fused score.", ""]
-        header = ["over"] + [f"test {label[m]}" for m in metrics]
-        lines += [table_row(header), table_row(["---"] * len(header))]
-        for variant, group in groups.items():
-            if variant != config.proposed:
-                means = [(mean_value(ours, "test", "fused", m), mean_value(group, "test", "fused", m)) for m in metrics]
-                gains = [relative_gain(*pair) for pair in means]
-                lines.append(table_row([variant, *gains]))
+    lines += comparison_lines(groups, config, user_values, label)
 
     branched = {v: g for v, g in groups.items() if len(g[0]["run"]["rankings"]) > 1}
     if branched:
@@ -135,6 +131,110 @@ def markdown_report(runs: list[dict], config: ReportConfig) -> str:
     page = "[recommendations.html](recommendations.html)"
     lines.append(f"{page}: recent history and top {config.top_n} of a few test users of `{config.showcase_run}`.")
     return "\n".join(lines) + "\n"
+
+
+def comparison_lines(groups: dict[str, list[dict]], config: ReportConfig, user_values: dict[str, pa.Table], label: dict[str, str]) -> list[str]:
+    """Each variant's test metrics with a bootstrap interval over users, and the proposed variant
+    against each other one: the difference, its interval, a paired randomization test and what
+    they say (better, worse or within noise)."""
+    ours = groups.get(config.proposed)
+    lines = ["", "## Noise and significance", ""]
+    tested = {v: g for v, g in groups.items() if all(run["run"]["run"] in user_values for run in g)}
+    untested = sorted(set(groups) - set(tested))
+    if untested:
+        lines += [f"No per-user values (metrics/{{run}}.users.parquet) for {', '.join(untested)}: no interval or test for them; rerun their evaluate stage.", ""]
+    lines += [
+        f"Test split, fused score, in %: the mean over users [{compare.CONFIDENCE:.0%} bootstrap interval over users; "
+        "a variant's seeds averaged per user first]. `python -m pipeline.compare RUN_A RUN_B` compares any two runs alike.",
+        "",
+    ]
+    header = ["variant", "runs"] + [f"test {label[m]}" for m in config.metrics]
+    lines += [table_row(header), table_row(["---"] * len(header))]
+    for variant, group in tested.items():
+        tables = [user_values[run["run"]["run"]] for run in group]
+        estimates = [compare.estimate(compare.user_matrix(tables, "test", "fused", m)[1]) for m in config.metrics]
+        lines.append(table_row([variant, str(len(group))] + [compare.interval(e) for e in estimates]))
+
+    lines += ["", f"## {config.proposed} against each other variant", ""]
+    if ours is None:
+        return lines + [f"No run of the proposed variant '{config.proposed}' was evaluated."]
+    if config.proposed not in tested:
+        return lines + [f"No per-user values for {config.proposed}: no significance test."]
+    if len(tested) == 1:
+        return lines + ["No other variant with per-user values was evaluated."]
+    lines += [
+        f"Test split, fused score: {config.proposed} − other in points [{compare.CONFIDENCE:.0%} interval], the relative "
+        f"change of the means, and the p-value of a paired randomization test over users ({compare.RESAMPLES} resamples). "
+        f"Significant: p < {compare.ALPHA} and the interval excludes 0; otherwise within noise.",
+        "",
+    ]
+    header = ["against"] + [f"test {label[m]}" for m in config.metrics]
+    lines += [table_row(header), table_row(["---"] * len(header))]
+    ours_tables = [user_values[run["run"]["run"]] for run in ours]
+    findings = []
+    for variant, group in tested.items():
+        if variant == config.proposed:
+            continue
+        theirs = [user_values[run["run"]["run"]] for run in group]
+        cells = []
+        for m in config.metrics:
+            c = compare.paired(theirs, ours_tables, "test", "fused", m)
+            gain = relative_gain(c.candidate.mean, c.baseline.mean)
+            cells.append(f"{compare.interval(c.difference, signed=True)}, {gain}, p = {c.p_randomization:.4f}: {c.verdict()}")
+            findings.append((variant, m, c))
+        lines.append(table_row([variant, *cells]))
+    lines += ["", *verdict_lines(findings, config.proposed, label)]
+    if any(len(group) == 1 for group in tested.values()):
+        lines += [
+            "",
+            "A variant with one seed: its interval and tests cover which users were sampled, not how much another "
+            "training seed would move its numbers; run more seeds (runs.seed) before relying on a small difference.",
+        ]
+    return lines
+
+
+def verdict_lines(findings: list[tuple[str, str, compare.Comparison]], proposed: str, label: dict[str, str]) -> list[str]:
+    """In words, what the tests say: significantly better or worse on which metrics, and within
+    noise on which."""
+    lines = []
+    for variant in dict.fromkeys(v for v, _, _ in findings):
+        verdicts = [(m, c) for v, m, c in findings if v == variant]
+        parts = []
+        for verdict in ("better", "worse"):
+            named = [f"{label[m]} ({100 * c.difference.mean:+.2f} points)" for m, c in verdicts if c.verdict() == verdict]
+            if named:
+                parts.append(f"significantly {verdict} on {', '.join(named)}")
+        noise = [label[m] for m, c in verdicts if not c.significant]
+        if noise:
+            parts.append(f"within noise on {', '.join(noise)}")
+        lines.append(f"- {proposed} against {variant}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def training_lines(runs: list[dict]) -> list[str]:
+    """How each run's training ended: epochs, best epoch and why it stopped; a warning for a run
+    that hit the maximum while validation was still improving (compared at unequal convergence)."""
+    described, warnings = [], []
+    for run in runs:
+        info = run["run"]
+        if "stop_reason" not in info:
+            continue
+        epochs, best = info["epochs_trained"], info["best_epoch"]
+        if info["stop_reason"] == "patience":
+            described.append(f"{info['run']} {epochs} epochs (best {best}, early-stopped)")
+        else:
+            described.append(f"{info['run']} {epochs} epochs (best {best}, the maximum)")
+            if info.get("patience") and epochs - best < info["patience"]:
+                warnings.append(
+                    f"**Warning**: {info['run']} reached the maximum of {epochs} epochs (train.epochs) and its best epoch "
+                    f"({best}) was fewer than train.patience ({info['patience']}) epochs before: it may not have converged, "
+                    "and variants may be compared at unequal convergence."
+                )
+    if not described:
+        return []
+    patience = sorted({run["run"].get("patience") for run in runs if "stop_reason" in run["run"]})
+    rule = f"early stopping with patience {', '.join(map(str, patience))} on validation" if patience != [0] else "no early stopping"
+    return [f"Training ({rule}; the best-validation epoch's weights are kept): {'; '.join(described)}.", *warnings]
 
 
 def protocol_lines(runs: list[dict], config: ReportConfig) -> list[str]:

@@ -32,6 +32,8 @@ device = torch.device("cpu") if config.device == "cpu" else env.device
 model, info = load_trained(Path("models") / args.run, load_section(TrainConfig, "train", args.params), device)
 exclude_history = load_section(EvaluateConfig, "evaluate", args.params).exclude_history
 provenance = {"run": args.run, "variant": info["variant"], "seed": info["seed"], "best_epoch": info["best_epoch"]}
+# how training ended (the report shows it); a model.pt older than early stopping has no stop_reason
+provenance |= {key: info[key] for key in ("epochs_trained", "stop_reason", "patience") if key in info}
 if "sources" in info:
     provenance["sources"] = {"used": info["sources"], "present": info["source_present"]}
 sequences = read_checked("data/ingest/sequences.parquet", schema.SEQUENCES, schema.REINGEST)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from pipeline import schema
@@ -92,7 +93,7 @@ def test_ties_count_against_the_target_and_a_nan_score_is_never_a_hit():
 
 def test_metrics_match_hand_computed_values(tmp_path):
     write_candidates(tmp_path)
-    metrics, curve = evaluate_run(tmp_path, sequences(), EvaluateConfig(ks=[5, 10, 20]))
+    metrics, curve, users = evaluate_run(tmp_path, sequences(), EvaluateConfig(ks=[5, 10, 20]))
     test = metrics["test"]["fused"]
     # ranks 1, 10, 11, missing over 4 users
     assert test["hr@5"] == pytest.approx(1 / 4)
@@ -109,6 +110,17 @@ def test_metrics_match_hand_computed_values(tmp_path):
     assert [row["k"] for row in curve] == list(range(1, K + 1))
     assert curve[9]["test_hr"] == test["hr@10"] and curve[10]["test_hr"] == pytest.approx(3 / 4)
     assert curve[9]["test_ndcg"] == test["ndcg@10"] and curve[0]["valid_mrr"] == 0.0
+    # Each user's own values, in user order, one row per split, ranking and user; their means
+    # are the table's.
+    assert users.num_rows == 2 * 2 * 4
+    fused = users.filter((pc.field("split") == "test") & (pc.field("ranking") == "fused")).to_pydict()
+    assert fused["user_idx"] == [0, 1, 2, 3] and fused["rank"] == [TARGET_RANKS[t] or math.inf for t in TARGET_RANKS]
+    assert fused["hr@10"] == [1.0, 1.0, 0.0, 0.0] and fused["mrr@10"] == [1.0, 0.1, 0.0, 0.0]
+    assert fused["ndcg@20"] == pytest.approx([1.0, 1 / math.log2(11), 1 / math.log2(12), 0.0])
+    for split in ("valid", "test"):
+        for ranking in ("fused", "id"):
+            rows = users.filter((pc.field("split") == split) & (pc.field("ranking") == ranking))
+            assert {name: pc.mean(rows[name]).as_py() for name in metrics[split][ranking]} == pytest.approx(metrics[split][ranking])
 
 
 @pytest.mark.parametrize("exclude", ["all", "all_but_target"])
@@ -118,7 +130,7 @@ def test_metrics_file_records_the_protocol_and_the_run(tmp_path, exclude):
     valid_items = [150, 151, 5, 153]
     table = sequences(train_items, valid_items)
     write_candidates(tmp_path, exclude_history=exclude)
-    metrics, _ = evaluate_run(tmp_path, table, EvaluateConfig(ks=[10], exclude_history=exclude))
+    metrics, _, _ = evaluate_run(tmp_path, table, EvaluateConfig(ks=[10], exclude_history=exclude))
     protocol = metrics["protocol"]
     test_histories = [h + [v] for h, v in zip(train_items, valid_items)]
     expected_in_history = {

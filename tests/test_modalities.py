@@ -80,7 +80,7 @@ def test_odmt_on_a_text_only_catalogue_trains_two_branches_and_says_so(titles_on
     sequences = pq.read_table(titles_only / "ingest/sequences.parquet")
     provenance = {"run": "odmt-s1", "variant": "odmt", "seed": 1, "sources": {"used": info["sources"], "present": info["source_present"]}}
     score_run(model, info["max_len"], sequences, ScoreConfig(k=10), tmp_path / "candidates", provenance)
-    metrics, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[5, 10]))
+    metrics, _, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[5, 10]))
     assert metrics["protocol"]["sources"] == {"used": ["id", "text"], "present": {"id": 1.0, "text": 1.0, "image": 0.0}}
     assert metrics["run"]["rankings"] == ["fused", "id", "text"] and set(metrics["test"]) == {"fused", "id", "text"}
 

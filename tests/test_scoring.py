@@ -165,7 +165,7 @@ def test_metrics_do_not_depend_on_the_user_block_size(tmp_path):
     for block in (1, 7, 50, 4096):
         out = tmp_path / f"block{block}"
         score_run(model, MAX_LEN, sequences, ScoreConfig(k=20, user_block_size=block), out, {"run": "toy"})
-        metrics, curve = evaluate_run(out, sequences, EvaluateConfig())
+        metrics, curve, _ = evaluate_run(out, sequences, EvaluateConfig())
         items = pq.read_table(out / "test.parquet").column("items").to_pylist()
         results.append((metrics, curve, items))
     assert results[0][0]["test"]["fused"]["hr@20"] > 0  # something was hit, so equality means something

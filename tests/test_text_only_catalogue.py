@@ -201,7 +201,7 @@ def test_the_report_counts_targets_that_can_never_be_hit_in_neutral_words(catalo
     sources = {"used": info["sources"], "present": info["source_present"]}
     provenance = {"run": "odmt-s1", "variant": "odmt", "seed": 1, "sources": sources}
     score_run(model, info["max_len"], sequences, ScoreConfig(k=10), tmp_path / "candidates", provenance)
-    metrics, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[10]))
+    metrics, _, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[10]))
     write_json(metrics, tmp_path / "metrics/odmt-s1.json")
 
     report = markdown_report(load_runs(tmp_path / "metrics"), ReportConfig(metrics=["hr@10"]))

@@ -70,6 +70,18 @@ def test_in_batch_loss_by_hand():
     assert torch.equal(without_logq.log_q, torch.zeros(6))
 
 
+def test_a_row_whose_target_is_padding_is_never_supervised():
+    # Training sequences are left-padded, so a padding target there always comes with a padding
+    # input; this batch also has padding after real items (a right-padded row, a gap), where only
+    # the target is padding: those rows must not be supervised either, whatever the input.
+    slots = torch.tensor([[1, 2, 0], [3, 0, 4], [0, 5, 6]])
+    batch = in_batch(slots, slots.flatten(), 0, None)
+    # supervised: u0 1->2, u2 5->6 (flat positions 0 and 5); never u0 2->pad, u1 3->pad or pad->4
+    assert batch.rows.tolist() == [0, 5]
+    assert batch.targets.tolist() == [1, 8]
+    assert not (slots.flatten()[batch.targets] == 0).any()
+
+
 def test_log_popularity_uses_training_counts_and_stays_finite():
     log_p = log_popularity(torch.tensor([0, 3, 1, 0]))
     assert torch.isfinite(log_p).all()
@@ -128,6 +140,12 @@ def test_soft_cross_entropy_by_hand():
     p = [0.75, 0.25]
     q = [math.exp(1) / (math.exp(1) + 1), 1 / (math.exp(1) + 1)]
     assert math.isclose(soft_cross_entropy(student, teacher, 1.0).item(), -sum(a * math.log(b) for a, b in zip(p, q)), rel_tol=1e-6)
+    # tau 0.5 inside both softmaxes, with a student that is not uniform: teacher / tau = (2 log 3, 0)
+    # gives (9/10, 1/10), student / tau = (2, 0) gives (e^2, 1) / (e^2 + 1); times tau^2 = 1/4
+    p = [0.9, 0.1]
+    q = [math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)]
+    expected = 0.25 * -sum(a * math.log(b) for a, b in zip(p, q))
+    assert math.isclose(soft_cross_entropy(student, teacher, 0.5).item(), expected, rel_tol=1e-6)
 
 
 def branch_logits_for_kd(branches=("id", "text", "image")) -> dict[str, torch.Tensor]:
@@ -476,7 +494,7 @@ def test_model_selection_and_the_evaluate_stage_rank_alike(tmp_path, exclude):
     model, info = train(toy_config(root, epochs=3), tmp_path / "run", tmp_path / "logs", exclude_history=exclude)
     sequences = pq.read_table(root / "ingest/sequences.parquet")
     score_run(model, info["max_len"], sequences, ScoreConfig(k=20), tmp_path / "candidates", {"run": "toy"}, exclude)
-    metrics, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[10], exclude_history=exclude))
+    metrics, _, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[10], exclude_history=exclude))
     logged = json.loads((tmp_path / "logs/metrics.json").read_text())["best"]
     assert metrics["protocol"]["exclude_history"] == exclude == info["exclude_history"]
     assert metrics["protocol"]["targets_in_history"] == {"valid": 8, "test": 8}
@@ -602,6 +620,39 @@ def test_a_ramp_longer_than_the_run_is_warned_and_the_final_weight_logged(toy, t
     assert f"distill.ramp 5 > epochs 2: the distillation weight never reaches 1 ({final} at the last epoch)" in caplog.text
     assert f"distillation weight at the last epoch (2): {final}" in caplog.text
     assert "distillation pairs: text <- id, image <- id, id <- ensemble" in caplog.text
+
+
+def scripted_validation(monkeypatch, scores: list[float]) -> None:
+    """Each call of the trainer's evaluate returns the next fused HR@10 of `scores` (then 0)."""
+    values = iter(scores)
+    monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"fused": dict.fromkeys(("hr@10", "ndcg@10", "mrr@10"), next(values, 0.0))})
+
+
+def test_early_stopping_keeps_the_best_epoch_and_says_why_it_stopped(toy, tmp_path, monkeypatch, caplog):
+    # epochs 1-4 score 0.1, 0.3, 0.2, 0.25: no better one for 2 epochs after epoch 2
+    scripted_validation(monkeypatch, [0.1, 0.3, 0.2, 0.25])
+    cfg = toy_config(toy, epochs=10, patience=2)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        _, info = train(cfg, tmp_path / "run", tmp_path / "logs")
+    assert (info["epochs_trained"], info["best_epoch"], info["stop_reason"], info["patience"]) == (4, 2, "patience", 2)
+    assert "stopped after epoch 4: no better valid fused hr@10 in 2 epochs (train.patience); best epoch 2" in caplog.text
+    saved = checkpoint.load(tmp_path / "run/model.pt")
+    assert saved["info"]["stop_reason"] == "patience"
+    assert json.loads((tmp_path / "logs/metrics.json").read_text())["stopped"] == {"epochs_trained": 4, "reason": "patience"}
+    # the kept weights are epoch 2's: those of a run of 2 epochs
+    scripted_validation(monkeypatch, [0.1, 0.3])
+    train(dataclasses.replace(cfg, epochs=2, patience=0), tmp_path / "two", tmp_path / "two-logs")
+    two = checkpoint.load(tmp_path / "two/model.pt")
+    assert all(torch.equal(saved["state_dict"][k], two["state_dict"][k]) for k in two["state_dict"])
+    assert two["info"]["stop_reason"] == "max_epochs"
+
+
+def test_a_run_that_reaches_the_maximum_still_improving_is_warned(toy, tmp_path, monkeypatch, caplog):
+    scripted_validation(monkeypatch, [0.1, 0.2, 0.3])
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        _, info = train(toy_config(toy, epochs=3, patience=2), tmp_path / "run", tmp_path / "logs")
+    assert (info["epochs_trained"], info["best_epoch"], info["stop_reason"]) == (3, 3, "max_epochs")
+    assert "stopped at the maximum of 3 epochs (train.epochs) with validation still improving: best epoch 3" in caplog.text
 
 
 def test_resume_equals_uninterrupted(toy, tmp_path):

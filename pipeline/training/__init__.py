@@ -29,7 +29,7 @@ class TrainConfig:
     modalities: Literal["auto"] | list[Source] = "auto"
     modality_min_present: float = 0.5
     seed: int = 1
-    epochs: int = 40
+    epochs: int = 40  # the most epochs a run trains (early stopping: patience)
     batch_size: int = 64  # sequences per step and rank; in-batch negatives come from them
     lr: float = 1e-3
     weight_decay: float = 0.1  # AdamW, on all parameters
@@ -46,7 +46,7 @@ class TrainConfig:
     # train/skipped_steps) and go on. Weights that are no longer finite always stop training.
     non_finite_loss: Literal["stop", "skip"] = "stop"
     select_metric: Literal["hr@10", "ndcg@10"] = "hr@10"  # fused validation score picking the best epoch
-    patience: int = 0  # stop after this many epochs without improvement; 0 = never
+    patience: int = 0  # stop after this many epochs in a row without a better select_metric; 0 = never
     eval_batch_size: int = 1024  # users per block in validation ranking
     # Users ranked by validation every epoch, and behind model.pt's valid/test metrics: None = all
     # up to 10,000, else a sample of 10,000 seeded from `seed`; an integer = that many (all if
@@ -128,7 +128,8 @@ def build_model(cfg: TrainConfig, num_items: int, sources: tuple[str, ...] | Non
 def load_trained(run_dir: Path, current: TrainConfig, device: str | torch.device = "cpu") -> tuple[ODMT, dict[str, Any]]:
     """The best-validation model of a training run (run_dir/model.pt), in eval mode, and its
     info: variant, backbone, seed, max_len, branches, branch_dim, num_items, best_epoch,
-    epochs_trained and the valid/test metrics measured at the end of training.
+    epochs_trained, stop_reason (patience | max_epochs) and the valid/test metrics measured at
+    the end of training.
 
     The feature files are those of ``current`` (the `train` params of now, whose files are the
     stage's DVC deps), never the paths saved in model.pt: a pulled artifact chooses no file."""

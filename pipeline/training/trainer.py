@@ -1,6 +1,11 @@
 """The training loop: AdamW, gradient clipping, AMP on CUDA, validation every epoch with full
 ranking, best-epoch selection, early stopping, a resumable checkpoint, dvclive curves, DDP.
 
+Every variant trains under one protocol: at most train.epochs epochs, stopped early once
+train.patience epochs in a row bring no better validation score (train.select_metric of the
+fused ranking); the best epoch's weights are kept. model.pt's info, the log and the report say
+how many epochs ran, the best one and why training stopped.
+
 Determinism: the model is initialised from `seed`; every epoch then reseeds the RNG from
 (seed, epoch, rank) and draws its batch order from (seed, epoch). So an epoch's result
 depends only on the weights and optimiser state it starts from, which is exactly what the
@@ -68,7 +73,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
     rows_per_epoch = sum(map(len, epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 1, env.rank, env.world_size)))
     progress = Progress("training", total=max(cfg.epochs - state["epoch"], 0) * rows_per_epoch, unit="sequences", every_s=30)
 
-    while state["epoch"] < cfg.epochs and not (cfg.patience and state["bad_epochs"] >= cfg.patience):
+    while state["epoch"] < cfg.epochs and not patience_ran_out(cfg, state["bad_epochs"]):
         epoch = state["epoch"] + 1
         torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + env.rank)
         weight = ramp_weight(epoch, cfg.distill.ramp) if distill else 0.0
@@ -101,6 +106,8 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
             checkpoint.save({**snapshot, **state}, run_dir / "checkpoint.pt")
 
     progress.close()
+    stop_reason = "patience" if patience_ran_out(cfg, state["bad_epochs"]) else "max_epochs"
+    _log_stop(cfg, state["epoch"], state["best_epoch"], stop_reason)
     model.load_state_dict(state["best_state"])
     results = {"valid": evaluate(model, valid_split, cfg.eval_batch_size), "test": evaluate(model, test_split, cfg.eval_batch_size)}
     info = {
@@ -116,6 +123,8 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         "num_items": data.num_items,
         "best_epoch": state["best_epoch"],
         "epochs_trained": state["epoch"],
+        "stop_reason": stop_reason,  # patience (early stopping) | max_epochs (train.epochs reached)
+        "patience": cfg.patience,
         "ranked_users": len(valid_split.targets),  # of num_users: the users behind valid and test below
         "num_users": len(data.valid.targets),
         **results,
@@ -125,6 +134,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         live.step = state["epoch"]
         # valid/test metrics of the kept weights, on the ranked users (the evaluate stage: all users)
         live.summary["best"] = {"epoch": state["best_epoch"], "ranked_users": len(valid_split.targets), **results}
+        live.summary["stopped"] = {"epochs_trained": state["epoch"], "reason": stop_reason}
         live.make_summary()
         live.end()
     if distill:
@@ -132,6 +142,23 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
     log.info("best epoch %d: test fused HR@10 %.4f NDCG@10 %.4f", state["best_epoch"], results["test"]["fused"]["hr@10"], results["test"]["fused"]["ndcg@10"])
     ddp.cleanup(env)
     return model.eval(), info
+
+
+def patience_ran_out(cfg: TrainConfig, bad_epochs: int) -> bool:
+    """Early stopping: train.patience epochs in a row without a better validation score (0: off)."""
+    return cfg.patience > 0 and bad_epochs >= cfg.patience
+
+
+def _log_stop(cfg: TrainConfig, epochs: int, best_epoch: int, reason: str) -> None:
+    if reason == "patience":
+        log.info("stopped after epoch %d: no better valid fused %s in %d epochs (train.patience); best epoch %d", epochs, cfg.select_metric, cfg.patience, best_epoch)
+    elif cfg.patience:  # the best epoch less than patience before the maximum
+        log.warning(
+            "stopped at the maximum of %d epochs (train.epochs) with validation still improving: best epoch %d, less than "
+            "train.patience (%d) epochs before; the run may not have converged: raise train.epochs", epochs, best_epoch, cfg.patience,
+        )
+    else:
+        log.info("stopped at the maximum of %d epochs (train.epochs); best epoch %d", epochs, best_epoch)
 
 
 class RunSetup(NamedTuple):
