@@ -108,3 +108,14 @@ def test_the_import_walk_follows_relative_packages_and_stage_helpers():
     assert {"pipeline/training/trainer.py", "pipeline/training/loss.py", "pipeline/models/odmt.py"} <= train
     assert "pipeline/__init__.py" not in train  # a docstring only
     assert "stages/_common.py" in project_code(ROOT / "stages/score.py")
+
+
+def test_training_and_scoring_do_not_run_each_other():
+    """The sequence utilities both use live below both (pipeline/sequences.py): changing how
+    candidates are searched must not rerun training, nor a change to training rerun scoring's code."""
+    training = {str(p.relative_to(ROOT)) for p in (ROOT / "pipeline/training").glob("*.py")}
+    assert "pipeline/training/data.py" in training
+    for module in sorted(training):
+        assert "pipeline/scoring.py" not in project_code(ROOT / module), f"{module} imports pipeline/scoring.py"
+    assert not project_code(ROOT / "pipeline/scoring.py") & training, "pipeline/scoring.py imports pipeline/training"
+    assert "pipeline/sequences.py" in project_code(ROOT / "pipeline/scoring.py")

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import schema
 from pipeline.io import write_json, write_table
 from pipeline.report import ReportConfig, load_runs, markdown_report, recommendations_html, showcase_users
-from pipeline.scoring import candidates_schema
+from pipeline.schema import candidates_schema
 
 PROTOCOL = {
     "split": "leave-one-out",

@@ -42,7 +42,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
     run_dir, log_dir = Path(run_dir), Path(log_dir)
     distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0 and bool(distillation_pairs(model.branches, cfg.distill))
     _log_plan(cfg, model, sources, distill)
-    # valid and test hold the same users in the same order (scoring.split_users), so one sample
+    # valid and test hold the same users in the same order (sequences.split_users), so one sample
     ranked = ranked_users(len(data.valid.targets), cfg.valid_users, cfg.seed)
     valid_split, test_split = sample_split(data.valid, ranked), sample_split(data.test, ranked)
     _log_ranked_users(len(valid_split.targets), len(data.valid.targets))
