@@ -6,6 +6,7 @@ stage when it changes; a listed one that is not imported reruns it for nothing."
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def executed_files(name: str, search: Path) -> list[Path]:
     return [f for f in files if f is not None]
 
 
-def imports_of(path: Path) -> set[Path]:
+@functools.cache  # each file parsed once, however many scripts import it
+def imports_of(path: Path) -> frozenset[Path]:
     """The project files one file's import statements run (not transitively)."""
     relative = path.relative_to(ROOT)
     # a stage script runs with stages/ on sys.path (`from _common import ...`), and the root
@@ -54,9 +56,10 @@ def imports_of(path: Path) -> set[Path]:
             add(module)
             for alias in node.names:  # `from package import submodule`
                 add(f"{module}.{alias.name}")
-    return found
+    return frozenset(found)
 
 
+@functools.cache
 def runs_code(path: Path) -> bool:
     """False for a file of nothing but a docstring (pipeline/__init__.py): importing it does nothing."""
     body = ast.parse(path.read_text()).body

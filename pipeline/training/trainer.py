@@ -192,7 +192,7 @@ def warn_without_native_bf16(cfg: TrainConfig, device: torch.device) -> None:
     if not native:
         log.warning(
             "%s: this CPU has no bfloat16 instructions (none of %s in %s), so bfloat16 is emulated and SLOWER than "
-            "float32 here (validation 5x slower on an AVX2 CPU); set it to false (README)",
+            "float32 here (validation 5x slower on an AVX2 CPU); set it to false (docs/training.md)",
             " and ".join(switches), ", ".join(sorted(BF16_FLAGS)), CPUINFO,
         )  # fmt: skip
 
