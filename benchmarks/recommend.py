@@ -38,7 +38,8 @@ from pipeline.export import export_run, user_encoder  # noqa: E402
 from benchmarks.scoring import write_result  # noqa: E402
 from pipeline.progress import log, setup_logging  # noqa: E402
 from pipeline.recommend import RecommendConfig, recommend  # noqa: E402
-from pipeline.scoring import IndexConfig, Ragged, available_cpus, build_index  # noqa: E402
+from pipeline.scoring import IndexConfig, available_cpus, build_index  # noqa: E402
+from pipeline.sequences import Ragged  # noqa: E402
 from pipeline.training import TrainConfig, build_model  # noqa: E402
 from tests.toy import make_toy_dataset  # noqa: E402
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.io import write_json  # noqa: E402
 from pipeline.progress import log, setup_logging  # noqa: E402
-from pipeline.scoring import IndexConfig, Ragged, available_cpus, build_index, recall_against, search_unseen  # noqa: E402
+from pipeline.scoring import IndexConfig, available_cpus, build_index, recall_against, search_unseen  # noqa: E402
+from pipeline.sequences import Ragged  # noqa: E402
 
 DIM = 3 * 64
 K = 50

@@ -40,7 +40,7 @@ def measure(code: Path, folder: Path, max_len: int) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.scoring import left_pad, split_users
+    from pipeline.sequences import left_pad, split_users
     from pipeline.training.data import load_sequences
 
     table = pq.read_table(folder / "sequences.parquet")

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from pipeline.io import read_json
 from pipeline.metrics import ExcludeHistory, per_user, summarize
-from pipeline.scoring import SPLITS, SplitUsers, candidate_columns, split_users
+from pipeline.schema import candidate_columns
+from pipeline.sequences import SPLITS, SplitUsers, split_users
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from pipeline.ingest.core import natural_order
 from pipeline.io import parquet_writer, read_checked
 from pipeline.models.odmt import UserEncoder
 from pipeline.progress import Progress, log, setup_logging
-from pipeline.scoring import IndexConfig, Ragged, _ragged, available_cpus, left_pad, search_unseen
+from pipeline.scoring import IndexConfig, _ragged, available_cpus, search_unseen
+from pipeline.sequences import Ragged, left_pad
 
 RECOMMENDATIONS = pa.schema(
     [

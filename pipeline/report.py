@@ -27,7 +27,7 @@ from pipeline import compare
 from pipeline.commands import check_run
 from pipeline.images import MAX_PIXELS, ImageRefused, open_image
 from pipeline.io import read_json
-from pipeline.scoring import split_users
+from pipeline.sequences import split_users
 
 
 @dataclass(frozen=True)

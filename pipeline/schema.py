@@ -93,3 +93,22 @@ FEATURE_INDEX = pa.schema(
         pa.field("outcome", pa.string(), nullable=False),
     ]
 )
+
+
+# The score stage's candidates (data/candidates/<run>/<split>.parquet), read by evaluate and report.
+def candidate_columns(ranking: str) -> tuple[str, str]:
+    """Names of a ranking's (items, scores) columns: the fused ranking is plain items/scores."""
+    return ("items", "scores") if ranking == "fused" else (f"items_{ranking}", f"scores_{ranking}")
+
+
+def candidates_schema(rankings: list[str]) -> pa.Schema:
+    """One row per user, in split order. Per ranking ("fused", then one per branch of a
+    multi-branch model): items = item indices best first (never history, never padding; fewer
+    than K where the catalogue has fewer or a tie group straddled the K-th place),
+    scores = the model's scores for them (fused: mean of branch scores; a branch: its own)."""
+    fields = [pa.field("user_idx", pa.int32(), nullable=False)]
+    for ranking in rankings:
+        items, scores = candidate_columns(ranking)
+        fields.append(pa.field(items, pa.list_(pa.int32()), nullable=False))
+        fields.append(pa.field(scores, pa.list_(pa.float32()), nullable=False))
+    return pa.schema(fields)

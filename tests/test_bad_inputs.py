@@ -52,7 +52,7 @@ from pipeline.ingest.adapters.movielens_mm import MovielensOptions, read_moviele
 from pipeline.io import ArtifactError, atomic_path, write_json, write_table
 from pipeline.report import ReportConfig, escape, recommendations_html, thumbnail_uri
 from pipeline.recommend import main as recommend_main
-from pipeline.scoring import candidates_schema
+from pipeline.schema import candidates_schema
 from pipeline.training import TrainConfig, checkpoint, load_trained
 from pipeline.training import trainer
 from pipeline.training.trainer import native_bf16, train

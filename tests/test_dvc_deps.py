@@ -6,6 +6,7 @@ stage when it changes; a listed one that is not imported reruns it for nothing."
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def executed_files(name: str, search: Path) -> list[Path]:
     return [f for f in files if f is not None]
 
 
-def imports_of(path: Path) -> set[Path]:
+@functools.cache  # each file parsed once, however many scripts import it
+def imports_of(path: Path) -> frozenset[Path]:
     """The project files one file's import statements run (not transitively)."""
     relative = path.relative_to(ROOT)
     # a stage script runs with stages/ on sys.path (`from _common import ...`), and the root
@@ -54,9 +56,10 @@ def imports_of(path: Path) -> set[Path]:
             add(module)
             for alias in node.names:  # `from package import submodule`
                 add(f"{module}.{alias.name}")
-    return found
+    return frozenset(found)
 
 
+@functools.cache
 def runs_code(path: Path) -> bool:
     """False for a file of nothing but a docstring (pipeline/__init__.py): importing it does nothing."""
     body = ast.parse(path.read_text()).body
@@ -108,3 +111,14 @@ def test_the_import_walk_follows_relative_packages_and_stage_helpers():
     assert {"pipeline/training/trainer.py", "pipeline/training/loss.py", "pipeline/models/odmt.py"} <= train
     assert "pipeline/__init__.py" not in train  # a docstring only
     assert "stages/_common.py" in project_code(ROOT / "stages/score.py")
+
+
+def test_training_and_scoring_do_not_run_each_other():
+    """The sequence utilities both use live below both (pipeline/sequences.py): changing how
+    candidates are searched must not rerun training, nor a change to training rerun scoring's code."""
+    training = {str(p.relative_to(ROOT)) for p in (ROOT / "pipeline/training").glob("*.py")}
+    assert "pipeline/training/data.py" in training
+    for module in sorted(training):
+        assert "pipeline/scoring.py" not in project_code(ROOT / module), f"{module} imports pipeline/scoring.py"
+    assert not project_code(ROOT / "pipeline/scoring.py") & training, "pipeline/scoring.py imports pipeline/training"
+    assert "pipeline/sequences.py" in project_code(ROOT / "pipeline/scoring.py")

@@ -12,7 +12,7 @@ import pytest
 from pipeline import schema
 from pipeline.evaluation import EvaluateConfig, evaluate_run, target_ranks
 from pipeline.io import write_json, write_table
-from pipeline.scoring import candidates_schema
+from pipeline.schema import candidates_schema
 
 K = 20
 # Four users; their test targets are 100..103 and land at rank 1, 10, 11 and nowhere.

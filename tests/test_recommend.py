@@ -23,7 +23,7 @@ from pipeline import schema
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.io import read_metadata, write_table
 from pipeline.recommend import RecommendConfig, main as recommend_main, whole_histories
-from pipeline.scoring import left_pad
+from pipeline.sequences import left_pad
 from pipeline.training import load_trained
 from pipeline.training.trainer import train
 from tests.test_training import toy_config

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline import schema
 from pipeline.io import write_json, write_table
 from pipeline.report import ReportConfig, load_runs, load_user_values, markdown_report, recommendations_html, showcase_users, training_lines
-from pipeline.scoring import candidates_schema
+from pipeline.schema import candidates_schema
 
 PROTOCOL = {
     "split": "leave-one-out",

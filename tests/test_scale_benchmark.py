@@ -1,5 +1,5 @@
 """benchmarks/scale.py on a tiny synthetic catalogue: each stage runs as its own process and its
-time, peak RSS and output bytes are recorded (the real sizes are run by hand: README "Scale")."""
+time, peak RSS and output bytes are recorded (the real sizes are run by hand: docs/scale.md "Scale: stages on large synthetic catalogues")."""
 
 from __future__ import annotations
 

@@ -24,15 +24,14 @@ from pipeline.scoring import (
     ScoreConfig,
     TorchFlatIndex,
     build_index,
-    candidate_columns,
-    left_pad,
     rank_share,
     score_run,
     search_engine,
     search_unseen,
     search_whole_ties,
-    split_users,
 )
+from pipeline.schema import candidate_columns
+from pipeline.sequences import left_pad, split_users
 from pipeline.training.trainer import train
 from tests import project
 from tests.test_training import toy_config

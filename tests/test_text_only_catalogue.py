@@ -218,10 +218,25 @@ def test_the_report_counts_targets_that_can_never_be_hit_in_neutral_words(catalo
 
 
 def test_readme_sections_named_in_params_and_code_exist():
-    headings = {line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("#")}
-    files = [ROOT / "params.yaml", ROOT / "params-paper.yaml", *ROOT.glob("pipeline/**/*.py"), *ROOT.glob("stages/*.py")]
-    named = {(f.name, " ".join(name.split())) for f in files for name in re.findall(r'README,? "([^"]+)"', f.read_text())}
-    assert named and not [(f, name) for f, name in named if name not in headings]
+    """A section named in params, code, benchmarks, scripts or tests (README or docs/<page>.md,
+    then the heading in double quotes) is a heading of that page: renaming or moving one fails here."""
+    def headings(page: Path) -> set[str]:
+        return {line.lstrip("#").strip() for line in page.read_text().splitlines() if re.match(r"#{1,6} ", line)}
+
+    files = [
+        ROOT / "params.yaml", ROOT / "params-paper.yaml", *ROOT.glob("pipeline/**/*.py"), *ROOT.glob("stages/*.py"),
+        *ROOT.glob("benchmarks/*.py"), *ROOT.glob("scripts/*"), *ROOT.glob("tests/*.py"),
+    ]
+    reference = re.compile(r'(README|docs/[\w-]+\.md),? "([^"]+)"')
+    named = {(f.name, page, " ".join(name.split())) for f in files for page, name in reference.findall(f.read_text())}
+    pages = {page for _, page, _ in named}
+    assert {"docs/training.md", "docs/paper.md", "docs/features.md"} <= pages
+    missing = [
+        (f, page, name) for f, page, name in named
+        if not (ROOT / ("README.md" if page == "README" else page)).is_file()
+        or name not in headings(ROOT / ("README.md" if page == "README" else page))
+    ]
+    assert not missing
 
 
 # --- item 6: no local path published ----------------------------------------------------------

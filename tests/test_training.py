@@ -28,7 +28,7 @@ from pipeline.models.odmt import VARIANTS, ModelConfig, UserEncoder
 from pipeline.scoring import ScoreConfig, score_run
 from pipeline import ddp
 from pipeline.training import TrainConfig, build_model, checkpoint, load_trained, trainer
-from pipeline.scoring import left_pad
+from pipeline.sequences import left_pad
 from pipeline.training.data import epoch_batches, load_sequences
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
 from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity

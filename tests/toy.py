@@ -19,7 +19,7 @@ import torch
 from pipeline import schema
 from pipeline.features.store import write_token_features
 from pipeline.io import write_table
-from pipeline.scoring import Ragged
+from pipeline.sequences import Ragged
 
 
 def make_toy_dataset(

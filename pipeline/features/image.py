@@ -61,7 +61,7 @@ class ImageFeaturesConfig:
     threads: int = 0
     chunk_size: int = 1024  # items per store part; bounds memory
     num_workers: int = 1  # image-decoding processes per rank (0: decode in the main process)
-    # the store's token columns: zstd makes real image features 5x smaller (README "The feature store")
+    # the store's token columns: zstd makes real image features 5x smaller (docs/features.md "The feature store")
     token_compression: Literal["none", "lz4", "zstd"] = "zstd"
     launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 8
 

@@ -53,7 +53,7 @@ class TextFeaturesConfig:
     pooled_only: bool = False  # keep only the first (CLS) token: one vector per item
     batch_size: int = 64
     chunk_size: int = 2048  # items per Parquet row group; bounds memory; texts are sorted by length within it
-    # the store's token columns: text features gain 8% from zstd, not worth its time (README "The feature store")
+    # the store's token columns: text features gain 8% from zstd, not worth its time (docs/features.md "The feature store")
     token_compression: Literal["none", "lz4", "zstd"] = "none"
     launcher: str = "python"  # read by dvc.yaml only: the stage's command, e.g. torchrun --nproc_per_node 8
 

@@ -48,7 +48,7 @@ class ModelConfig:
     image_tokens: int = 50  # the first tokens of the image features kept (pooled/CLS first)
     id_init: IdInit = "mean_cls"  # sasrec_id always starts random: it must not see content
     # Deviations from the reference code, each a switch whose default here is the reference's
-    # behaviour (README, "Deviations from the paper"; params.yaml sets the project's choice).
+    # behaviour (docs/paper.md "Deviations from the paper"; params.yaml sets the project's choice).
     id_projection: bool = True  # a Linear(d, d) on the ID vector before the IMT, as for text and image
     id_scale_sqrt_width: bool = False  # the ID vector multiplied by sqrt(d)
     id_init_rescale: bool = False  # a content-initialised ID table rescaled to the random init's spread
@@ -57,7 +57,7 @@ class ModelConfig:
     ffn_dropout: bool = False  # a dropout between the two layers of every transformer FFN
     attention_dropout: bool = False  # a dropout on the attention weights of every transformer block
     dropout_per_slot: bool = True  # training: every slot of an item draws its own dropout mask (false: one per distinct item of a batch)
-    # Speed and memory of the IMT (README "Training speed and memory"):
+    # Speed and memory of the IMT (docs/training.md "Training speed and memory"):
     # Each distinct item of a batch projected once, the IMT's last block computed at its output
     # tokens only: the same math and dropout masks, other float rounding.
     fast_item_encoder: bool = False

@@ -35,9 +35,9 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW, on all parameters
     clip_norm: float = 5.0  # gradient norm clipping; 0 = off
     amp: bool = True  # float16 mixed precision, used on CUDA only
-    cpu_bf16: bool = False  # on the CPU: the training forward pass under bfloat16 autocast (opt-in, README)
+    cpu_bf16: bool = False  # on the CPU: the training forward pass under bfloat16 autocast (opt-in, docs/training.md)
     # on the CPU: each epoch's validation computes item and user vectors under bfloat16 autocast
-    # (ranking in float32); the best epoch may differ, model.pt's metrics stay float32 (opt-in, README)
+    # (ranking in float32); the best epoch may differ, model.pt's metrics stay float32 (opt-in, docs/training.md)
     cpu_bf16_validation: bool = False
     logq: bool = True  # subtract log p(item) from in-batch logits
     gather_negatives: bool = False  # DDP: candidates from all ranks instead of this rank's batch

@@ -37,7 +37,7 @@ TRAIN_CODE = (
     "pipeline/models",
     "pipeline/training",
     "pipeline/metrics.py",
-    "pipeline/scoring.py",
+    "pipeline/sequences.py",
     "pipeline/evaluation.py",
     "pipeline/features/store.py",
     "pipeline/ddp.py",

@@ -2,7 +2,7 @@
 
 Training: one sequence per user, its last max_len + 1 training items (all positions
 supervised). Validation and test: the split and the items left out of each ranking come from
-pipeline.scoring.split_users, the same protocol the score and evaluate stages use (validation:
+pipeline.sequences.split_users, the same protocol the score and evaluate stages use (validation:
 the last max_len training items predict valid_item; test: the last max_len of training items +
 valid_item predict test_item; excluded: their history, under evaluate.exclude_history).
 """
@@ -19,7 +19,7 @@ import torch
 from .. import schema
 from ..io import read_checked
 from ..metrics import ExcludeHistory
-from ..scoring import Ragged, SplitUsers, left_pad, split_users
+from ..sequences import Ragged, SplitUsers, left_pad, split_users
 
 
 @dataclass

@@ -7,7 +7,7 @@ fewer sources (a catalogue without images, say) only the pairs among the present
 formed, and the ensemble is the mean of the present branches.
 The teacher is not detached by default (as in the reference code). A live teacher is also
 pulled by the soft cross-entropy onto the student's top item; on the embedded data this cost
-about a point of HR@10, so params.yaml detaches it (README, "Online distillation on the embedded
+about a point of HR@10, so params.yaml detaches it (docs/paper.md "Online distillation on the embedded
 data: what we measured").
 """
 

@@ -47,7 +47,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
     run_dir, log_dir = Path(run_dir), Path(log_dir)
     distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0 and bool(distillation_pairs(model.branches, cfg.distill))
     _log_plan(cfg, model, sources, distill)
-    # valid and test hold the same users in the same order (scoring.split_users), so one sample
+    # valid and test hold the same users in the same order (sequences.split_users), so one sample
     ranked = ranked_users(len(data.valid.targets), cfg.valid_users, cfg.seed)
     valid_split, test_split = sample_split(data.valid, ranked), sample_split(data.test, ranked)
     _log_ranked_users(len(valid_split.targets), len(data.valid.targets))
@@ -219,7 +219,7 @@ def warn_without_native_bf16(cfg: TrainConfig, device: torch.device) -> None:
     if not native:
         log.warning(
             "%s: this CPU has no bfloat16 instructions (none of %s in %s), so bfloat16 is emulated and SLOWER than "
-            "float32 here (validation 5x slower on an AVX2 CPU); set it to false (README)",
+            "float32 here (validation 5x slower on an AVX2 CPU); set it to false (docs/training.md)",
             " and ".join(switches), ", ".join(sorted(BF16_FLAGS)), CPUINFO,
         )  # fmt: skip
 
