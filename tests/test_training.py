@@ -602,7 +602,7 @@ def test_the_log_model_pt_and_the_evaluate_stage_agree_on_a_catalogue_of_duplica
     model, info = train(cfg, tmp_path / "run", tmp_path / "logs")
     sequences = pq.read_table(root / "ingest/sequences.parquet")
     score_run(model, info["max_len"], sequences, ScoreConfig(k=15), tmp_path / "candidates", {"run": "toy"})
-    metrics, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[10]))
+    metrics, _, _ = evaluate_run(tmp_path / "candidates", sequences, EvaluateConfig(ks=[10]))
     logged = json.loads((tmp_path / "logs/metrics.json").read_text())["best"]
     with torch.no_grad():
         vectors = model.item_vectors()
