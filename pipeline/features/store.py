@@ -282,13 +282,18 @@ def load_token_features(folder: str | Path, num_items: int | None = None, max_to
     mask = np.zeros((n + 1, keep), dtype=bool)
     mask[:, 0] = True
     present = np.zeros(n + 1, dtype=bool)
-    has_key = index["key"].is_valid().to_numpy(zero_copy_only=False)
-    parts = np.array(index["part"].fill_null("").to_pylist(), dtype=object)
     rows = index["row"].fill_null(-1).to_numpy()
     keys = index["key"].to_pylist()
     columns = ["key", "present", "mask", *token_columns(num_tokens)[:keep]]
-    for name in sorted(set(parts[has_key])):
-        items = np.flatnonzero((parts == name) & has_key)  # 0-based: item items[i] + 1
+    # the items of each part, grouped by one sort of the part codes (not one pass over all items
+    # per part: at 10^6 items and 10^3 parts that was 10^9 string comparisons)
+    names, codes = np.unique(np.array(index["part"].fill_null("").to_pylist(), dtype=object), return_inverse=True)
+    by_part = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[by_part], np.arange(len(names) + 1))
+    for p, name in enumerate(names):
+        items = by_part[bounds[p] : bounds[p + 1]]  # 0-based: item items[i] + 1
+        if not name and all(keys[i] is None for i in items):
+            continue  # items without input: zero tokens, present false
         part = _open_part(folder, name, num_tokens, dim)
         wanted = rows[items]
         if wanted.min() < 0 or wanted.max() >= part.metadata.num_rows:
