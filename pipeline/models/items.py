@@ -154,7 +154,8 @@ def _to_width(cls: torch.Tensor, rows: torch.Tensor, width: int, sample: int = P
         buffer = torch.empty(len(blocks[0]), cls.shape[1], dtype=torch.float64)
         mean = sum(buffer[: len(block)].copy_(cls[block]).sum(0) for block in blocks) / len(rows)
         chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(PCA_SEED))[:sample].sort().values
-        centred = cls[rows[chosen]].double() - mean
+        centred = cls[rows[chosen]].double()
+        centred -= mean  # in place: one 205 MB sample at D = 1280, not two
         # The top directions as eigenvectors of the (D, D) scatter matrix: for a tall sample a
         # fraction of its SVD's work (at 100k items 14 s -> 2 s on 2 cores), other last bits.
         _, vectors = torch.linalg.eigh(centred.T @ centred)
