@@ -783,13 +783,3 @@ def test_cuda_amp_training_and_cpu_loading(toy, tmp_path):
     assert saved["scaler"]  # the float16 loss scaler is in use and checkpointed
     loaded, _ = load_trained(tmp_path / "run", cfg, device="cpu")
     assert not next(loaded.parameters()).is_cuda and loaded.item_vectors().shape[0] == 21
-
-
-def test_set_up_switches_on_deterministic_kernels_with_warnings_only():
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        torch.use_deterministic_algorithms(False)
-        trainer._deterministic(ddp.Distributed(0, 1, 0, torch.device("cpu")))
-        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

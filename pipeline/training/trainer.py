@@ -427,9 +427,7 @@ def _deterministic(env: ddp.Distributed) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     # warn_only: a CUDA op without a deterministic kernel warns instead of stopping training.
-    # ATen's switch alone: torch.use_deterministic_algorithms also sets torch._inductor's flag, which
-    # imports inductor and dynamo (1.5-3.7 s of the set-up), and nothing here is compiled.
-    torch._C._set_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised
     # memory; no kernel of this model reads any, and the fill was an extra pass over every
     # activation (12% of a training step's CPU time, benchmarks/results/train-profile.txt).
