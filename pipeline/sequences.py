@@ -122,16 +122,13 @@ def split_users(sequences: pa.Table, split: str, exclude_history: ExcludeHistory
 
 
 def left_pad(rows: Ragged, width: int) -> torch.Tensor:
-    """(U, width) int64: each row's last `width` items, right-aligned, 0 = padding. One scatter
-    from the flat values, not a Python step per user (1M users at scale)."""
+    """(U, width) int64: each row's last `width` items, right-aligned, 0 = padding. One vectorised
+    step per column from the right over the rows still long enough, not a Python step per user
+    (1M users at scale), nor a scatter through (total,) index arrays (6x slower at L)."""
     kept = np.minimum(rows.lengths(), width)
     out = np.zeros((len(rows), width), dtype=np.int64)
-    # Value j of the kept tails, concatenated, is item j - tails[r] of row r's tail, the row
-    # whose tail starts at tails[r]: from values[offsets[r + 1] - kept[r] + j - tails[r]] to
-    # column width - kept[r] + j - tails[r] of row r.
-    tails = np.cumsum(kept) - kept
-    j = np.arange(int(kept.sum()))
-    source = j + np.repeat(rows.offsets[1:] - kept - tails, kept)
-    target = j + np.repeat(np.arange(len(rows)) * width + width - kept - tails, kept)
-    out.reshape(-1)[target] = rows.values[source]
+    live = np.arange(len(rows))
+    for back in range(1, width + 1):  # column width - back holds each live row's back-th last item
+        live = live[kept[live] >= back]
+        out[live, width - back] = rows.values[rows.offsets[live + 1] - back]
     return torch.from_numpy(out)

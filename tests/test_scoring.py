@@ -340,3 +340,10 @@ def test_two_cpu_ranks_write_the_files_of_one_process(tmp_path):
         assert (single / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
     assert pq.ParquetFile(single / "test.parquet").num_row_groups == 5
     assert 0 < read_json(single / "scoring.json")["splits"]["test"]["recall@5"]["fused"] < 1
+
+
+def test_left_pad_right_aligns_each_rows_last_items():
+    histories = [[], [1, 2, 3], [], [4, 5, 6, 7, 8, 9, 10]]
+    for width in (0, 1, 3, 8):
+        expected = [[0] * (width - min(len(h), width)) + h[len(h) - min(len(h), width):] for h in histories]
+        assert left_pad(ragged(histories), width).tolist() == expected

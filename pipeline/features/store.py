@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
@@ -278,7 +279,7 @@ def load_token_features(folder: str | Path, num_items: int | None = None, max_to
     n = num_items if num_items is not None else len(idx)
     if not np.array_equal(idx, np.arange(1, n + 1)):
         raise StoreError(f"{folder / INDEX}: expected one row per item 1..{n} in order, got {len(idx)} rows; rerun the feature stage")
-    tokens = np.zeros((n + 1, keep, dim), dtype=np.float16)
+    tokens = _prefaulted_zeros((n + 1, keep, dim), np.float16)
     mask = np.zeros((n + 1, keep), dtype=bool)
     mask[:, 0] = True
     present = np.zeros(n + 1, dtype=bool)
@@ -317,6 +318,17 @@ def load_token_features(folder: str | Path, num_items: int | None = None, max_to
     # or the training process holds them for its whole run.
     pa.default_memory_pool().release_unused()
     return TokenFeatures(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(present), meta)
+
+
+def _prefaulted_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A zero array whose pages the kernel maps in one call (MAP_POPULATE, Linux): every page of the
+    token array is written anyway, and one fault per 4 KB page was the largest cost of the L set-up
+    (1.2 GB of text tokens: 3.1 s of faults in a VM, 0.55 s populated)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if not hasattr(mmap, "MAP_POPULATE") or size == 0:
+        return np.zeros(shape, dtype)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return np.frombuffer(memory, dtype).reshape(shape)  # the array keeps the mapping alive
 
 
 def _scatter(batch: pa.RecordBatch, items: np.ndarray, rows: np.ndarray, keys: list, shape: tuple[int, int, int],
