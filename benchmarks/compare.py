@@ -100,18 +100,18 @@ def speed_up(baseline: dict, this: dict, figures: Sequence[str]) -> dict[str, fl
 
 
 def data_paths(kind: str, folder: Path) -> dict[str, str]:
-    """Absolute input paths, so that a baseline worktree without data reads the same files:
-    `synthetic`, the embedded dataset's shape (943 users, 1,332 items, 13 training items per
-    user, text 30 x 384, image 50 x 1280; tests/toy.py) with random content written to
-    ``folder``, or `real`, this checkout's data/ingest and data/features."""
-    root = Path(__file__).resolve().parents[1]
-    if kind == "synthetic":
-        sys.path.insert(0, str(root))
-        from tests.toy import make_toy_dataset
+    """Input paths over the params file's: `synthetic`, the embedded dataset's shape (943 users,
+    1,332 items, 13 training items per user, text 30 x 384, image 50 x 1280; tests/toy.py) with
+    random content written to ``folder``, as absolute paths that every tree reads; `real`, none:
+    each tree reads its own data/ as its params file names it (run its ingest and feature stages
+    there first), so a baseline from before the feature store reads the single-file features
+    its own stages made from the same input."""
+    if kind == "real":
+        return {}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.toy import make_toy_dataset
 
-        root = make_toy_dataset(folder, num_users=943, num_items=1332, seq_len=15, text_shape=(30, 384), image_shape=(50, 1280))
-    else:
-        root = root / "data"
+    root = make_toy_dataset(folder, num_users=943, num_items=1332, seq_len=15, text_shape=(30, 384), image_shape=(50, 1280))
     return {
         "sequences": str(root / "ingest/sequences.parquet"),
         "popularity": str(root / "ingest/popularity.parquet"),

@@ -10,7 +10,7 @@ per-branch rankings against the whole catalogue; and, on its own, the item pass
 a fresh process, over --rounds such processes; wall time and CPU time (all threads), which a
 busy machine disturbs less. `synthetic` data has the embedded dataset's shape (943 users, 1,332 items,
 13 training items per user, text 30 x 384, image 50 x 1280; tests/toy.py) with random content;
-`real` uses data/ingest and data/features. The model is the `train` section of params.yaml,
+`real`: each tree its own data/ingest and data/features (compare.data_paths). The model is the `train` section of params.yaml,
 with any `--model` settings on top (issue 12's configuration: `--model width=128 text_tokens=30
 image_tokens=50`), seeded and untrained: the time does not depend on the weights. `--train
 cpu_bf16_validation=true` times the validation as training runs it under that switch.

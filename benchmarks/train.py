@@ -11,7 +11,8 @@ validation pass (item vectors of the whole catalogue + exact ranking of every us
 step is reported. `synthetic` data has the embedded dataset's shape (943 users, 1,332 items, 13
 training items per user, text 30 x 384, image 50 x 1280) with random content, written to a
 temporary folder; its users walk the catalogue, so a batch holds more distinct items than real
-data does (slower: a conservative figure). `real` uses data/ingest and data/features.
+data does (slower: a conservative figure). `real`: each tree reads its own data/ingest and
+data/features (compare.data_paths).
 Configurations: `default` is the `train` section of params.yaml, `paper` that of
 params-paper.yaml, each with the --model (train.model) and --train (train) settings on top (issue 12's configuration: `--configs
 paper --model width=128 --threads 2`, the paper's with width 128; on a CPU it runs in float32).

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import TransformerBlock
+from .layers import Dropout, TransformerBlock
 
 
 class CausalEncoder(nn.Module):
@@ -39,7 +39,7 @@ class SASRec(CausalEncoder):
         super().__init__()
         self.positions = nn.Embedding(max_len, width)
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, ffn_dropout=ffn_dropout, attention_dropout=attention_dropout) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, real: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -66,7 +66,7 @@ class GRU4Rec(CausalEncoder):
 
     def __init__(self, width: int, layers: int, dropout: float):
         super().__init__()
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.gru = nn.GRU(width, width, num_layers=layers, batch_first=True)
         self.out = nn.Linear(width, width)
 
@@ -84,7 +84,7 @@ class NextItNet(CausalEncoder):
 
     def __init__(self, width: int, layers: int, dropout: float, kernel: int = 3):
         super().__init__()
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.kernel = kernel
         self.dilations = [d for block in range(layers) for d in (2**block, 2 ** (block + 1))]
         self.convs = nn.ModuleList(nn.Conv1d(width, width, kernel, dilation=d) for d in self.dilations)

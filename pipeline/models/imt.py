@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import TransformerBlock
+from .layers import Dropout, TransformerBlock
 
 
 def imt_attention_mask(text_mask: torch.Tensor, num_image_tokens: int, id_aware: bool, has_id: bool = True) -> torch.Tensor:
@@ -45,7 +45,7 @@ class IDAwareMultimodalTransformer(nn.Module):
         math and random stream, other float rounding)."""
         super().__init__()
         self.id_aware, self.outputs_only = id_aware, outputs_only
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, 1e-6, ffn_dropout, attention_dropout) for _ in range(layers))
 
     def forward(

@@ -18,6 +18,7 @@ from typing import Literal, Protocol
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .imt import IDAwareMultimodalTransformer
 from .layers import mlp
@@ -190,15 +191,35 @@ class IMTItems(nn.Module):
         self.imt = IDAwareMultimodalTransformer(width, layers, heads, dropout, id_aware, ffn_dropout, fast, attention_dropout)
         self.heads = nn.ModuleDict({b: mlp(width, width) for b in self.branches})
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # The projected tokens depend on the item alone (dropout comes later, in the IMT): the fast
-        # path projects each distinct item once and gathers it to its slots.
-        unique, slot = torch.unique(ids, return_inverse=True) if self.fast else (ids, None)
-        text, text_mask = self.sources.text(unique) if "text" in self.branches else (None, None)
-        image = self.sources.image(unique) if "image" in self.branches else None
-        ident = self.sources.ident(unique) if "id" in self.branches else None
+    def forward(self, ids: torch.Tensor, recompute_chunk: int | None = None) -> torch.Tensor:
+        """(n,) ids -> (branches, n, d). recompute_chunk: the IMT in checkpointed chunks of that
+        many slots, whose activations the backward pass recomputes (with the chunk's dropout
+        masks), so that the peak holds one chunk's instead of the call's."""
         if self.fast:
-            text, text_mask, image, ident = (None if part is None else part[slot] for part in (text, text_mask, image, ident))
+            # The projected tokens depend on the item alone (dropout comes later, in the IMT):
+            # each distinct item is projected once, outside any recomputation, and gathered to its slots.
+            unique, slots = torch.unique(ids, return_inverse=True)
+            projected = self._project(unique)
+
+            def encode(part: torch.Tensor) -> torch.Tensor:
+                return self._transform(*(None if tokens is None else tokens[part] for tokens in projected))
+        else:
+            slots = ids
+
+            def encode(part: torch.Tensor) -> torch.Tensor:
+                return self._transform(*self._project(part))
+        if recompute_chunk is None:
+            return encode(slots)
+        return torch.cat([checkpoint(encode, part, use_reentrant=False) for part in slots.split(recompute_chunk)], dim=1)
+
+    def _project(self, ids: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """(text tokens, text mask, image tokens, ID vector) of ids at width d; None where absent."""
+        text, text_mask = self.sources.text(ids) if "text" in self.branches else (None, None)
+        image = self.sources.image(ids) if "image" in self.branches else None
+        ident = self.sources.ident(ids) if "id" in self.branches else None
+        return text, text_mask, image, ident
+
+    def _transform(self, text, text_mask, image, ident) -> torch.Tensor:
         outputs = self.imt(text, text_mask, image, ident)
         return torch.stack([self.heads[b](outputs[b]) for b in self.branches])
 

@@ -25,7 +25,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .backbones import build_backbone
 from .base import SequentialRecommender
@@ -59,10 +58,10 @@ class ModelConfig:
     dropout_per_slot: bool = True  # training: every slot of an item draws its own dropout mask (false: one per distinct item of a batch)
     # Speed and memory of the IMT (docs/training.md "Training speed and memory"):
     # Each distinct item of a batch projected once, the IMT's last block computed at its output
-    # tokens only: the same math and dropout masks, other float rounding.
-    fast_item_encoder: bool = False
-    # Training: the item encoder in checkpointed chunks of ITEM_CHUNK slots, its activations
-    # recomputed in the backward pass (less memory, more time; other dropout draws, see _encode).
+    # tokens only: the same math and dropout distribution, other masks and float rounding.
+    fast_item_encoder: bool = True
+    # Training: the IMT in checkpointed chunks of ITEM_CHUNK slots, its activations recomputed in
+    # the backward pass (less memory, more time; other dropout draws, see _encode).
     imt_recompute: bool = False
 
     def validate(self) -> None:
@@ -179,14 +178,12 @@ class ODMT(SequentialRecommender):
         return self._encode(unique)[:, inverse]
 
     def _encode(self, ids: torch.Tensor) -> torch.Tensor:
-        """The item encoder over (n,) ids -> (branches, n, d). Under imt_recompute in training,
-        in checkpointed chunks of ITEM_CHUNK items: a chunk keeps only its ids and output and
-        redoes its activations in the backward pass with the masks of its forward, so the peak
-        holds one chunk's activations instead of the batch's. Dropout then draws its noise per
-        chunk, so the masks (not their distribution) differ from those without it."""
-        if not (self.cfg.imt_recompute and self.training and torch.is_grad_enabled()):
-            return self.items(ids)
-        return torch.cat([checkpoint(self.items, chunk, use_reentrant=False) for chunk in ids.split(ITEM_CHUNK)], dim=1)
+        """The item encoder over (n,) ids -> (branches, n, d); under imt_recompute in training, the
+        IMT in checkpointed chunks of ITEM_CHUNK slots (IMTItems.forward). Dropout then draws its
+        masks per chunk: the same distribution, other masks than without it."""
+        if self.cfg.imt_recompute and self.training and torch.is_grad_enabled() and isinstance(self.items, IMTItems):
+            return self.items(ids, recompute_chunk=ITEM_CHUNK)
+        return self.items(ids)
 
 
 def encode_sequences(encoders: nn.ModuleList, vectors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

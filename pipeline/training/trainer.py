@@ -25,6 +25,7 @@ import torch
 from dvclive import Live
 from torch.nn.parallel import DistributedDataParallel
 
+from ..allocator import keep_freed_memory
 from ..config import to_dict
 from ..io import atomic_path
 from ..metrics import ITEM_BLOCK_SIZE, ExcludeHistory, blocked_ranks, summarize
@@ -174,6 +175,7 @@ class RunSetup(NamedTuple):
 def set_up(cfg: TrainConfig, exclude_history: ExcludeHistory = "all") -> RunSetup:
     """What a run (and the training benchmark) starts from: deterministic kernels, the data, the
     item sources, the seeded model, AdamW and the float16 loss scaler (active on CUDA only)."""
+    keep_freed_memory()
     env = ddp.setup()
     _deterministic(env)
     warn_without_native_bf16(cfg, env.device)
