@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The code the `train` stage lists as deps in dvc.yaml (a test keeps the two equal).
 TRAIN_CODE = (
     "stages/train.py",
+    "pipeline/allocator.py",
     "pipeline/config.py",
     "pipeline/models",
     "pipeline/training",
