@@ -9,6 +9,7 @@ import math
 import os
 import re
 import runpy
+import platform
 import socket
 import sys
 from pathlib import Path
@@ -783,3 +784,13 @@ def test_cuda_amp_training_and_cpu_loading(toy, tmp_path):
     assert saved["scaler"]  # the float16 loss scaler is in use and checkpointed
     loaded, _ = load_trained(tmp_path / "run", cfg, device="cpu")
     assert not next(loaded.parameters()).is_cuda and loaded.item_vectors().shape[0] == 21
+
+
+def test_freed_memory_is_kept_under_glibc_and_left_alone_elsewhere(monkeypatch):
+    from pipeline import allocator
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert allocator.keep_freed_memory() is glibc
+    assert allocator.keep_freed_memory(trim_heap=True) is glibc
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert allocator.keep_freed_memory() is False

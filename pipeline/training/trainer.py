@@ -175,7 +175,7 @@ class RunSetup(NamedTuple):
 def set_up(cfg: TrainConfig, exclude_history: ExcludeHistory = "all") -> RunSetup:
     """What a run (and the training benchmark) starts from: deterministic kernels, the data, the
     item sources, the seeded model, AdamW and the float16 loss scaler (active on CUDA only)."""
-    keep_freed_memory()
+    keep_freed_memory(trim_heap=cfg.model.imt_recompute)
     env = ddp.setup()
     _deterministic(env)
     warn_without_native_bf16(cfg, env.device)
