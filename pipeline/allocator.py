@@ -20,6 +20,7 @@ import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 NEVER = 2**31 - 1  # mallopt takes an int: 2 GiB, above any one activation here
+GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's default: the heap's free top above it is given back
 
 
 def keep_freed_memory(trim_heap: bool = False) -> bool:
@@ -31,5 +32,5 @@ def keep_freed_memory(trim_heap: bool = False) -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and others: no mallopt with these parameters
         return False
-    served = bool(mallopt(M_MMAP_THRESHOLD, NEVER))
-    return served and (trim_heap or bool(mallopt(M_TRIM_THRESHOLD, NEVER)))
+    # Both set on every call: a later run in the same process (the tests) gets its own choice.
+    return bool(mallopt(M_MMAP_THRESHOLD, NEVER)) and bool(mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD if trim_heap else NEVER))

@@ -112,9 +112,9 @@ def test_a_block_computing_some_query_rows_gives_those_rows_of_the_full_block(tr
 def test_a_block_computing_some_query_rows_draws_dropout_masks_for_those_rows_only(ffn_dropout, attention_dropout, monkeypatch):
     drawn = []
 
-    def recording(shape, p, device):
+    def recording(shape, p):
         drawn.append(tuple(shape))
-        return layers_drop_mask(shape, p, device)
+        return layers_drop_mask(shape, p)
 
     layers_drop_mask = layers.drop_mask
     monkeypatch.setattr(layers, "drop_mask", recording)

@@ -8,25 +8,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def drop_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """Dropout's mask: a bool tensor of ``shape``, each entry True (dropped) with probability p,
-    independently.
+def drop_mask(shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """Dropout's mask on the CPU: a bool tensor of ``shape``, each entry True (dropped) with
+    probability p, independently.
 
-    On the CPU the uniforms come from numpy's PCG64, seeded from torch's generator (so
-    torch.manual_seed and activation checkpointing's saved RNG state fix the masks): torch's CPU
-    bernoulli_ draws on one thread at ~9 ns an entry (157 ms for one IMT activation of the
-    paper's configuration at width 128: a fifth of a training step on a 2-core AMD EPYC),
-    numpy at a third of that. On a GPU, torch's own generator."""
-    if device.type != "cpu":
-        return torch.rand(shape, device=device) < p
+    The uniforms come from numpy's PCG64, seeded from torch's generator (so torch.manual_seed and
+    activation checkpointing's saved RNG state fix the masks): torch's CPU bernoulli_ draws on one
+    thread at ~9 ns an entry (157 ms for one IMT activation of the paper's configuration at width
+    128: a fifth of a training step on a 2-core AMD EPYC), numpy at a third of that."""
     seed = int(torch.randint(2**62, (1,)))
     return torch.from_numpy(np.random.default_rng(seed).random(shape, dtype=np.float32) < p)
 
 
 class Dropout(nn.Module):
     """Inverted dropout as nn.Dropout (entries zeroed with probability p, the others scaled by
-    1/(1-p)), its masks from drop_mask; the backward pass keeps the bool mask, not a float noise
-    tensor: a quarter of the memory."""
+    1/(1-p)). On the CPU its masks come from drop_mask and the backward pass keeps the bool mask,
+    not torch's float noise tensor (a quarter of the memory); elsewhere torch's fused dropout,
+    which keeps a bool mask too."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -35,7 +33,9 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p > 0):
             return x
-        return x.masked_fill(drop_mask(x.shape, self.p, x.device), 0.0) * (1 / (1 - self.p))
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return x.masked_fill(drop_mask(x.shape, self.p), 0.0) * (1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
