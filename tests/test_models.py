@@ -418,10 +418,22 @@ def test_id_init_directions_from_a_sample_in_large_catalogues(monkeypatch):
     # up to the sample size: the exact computation over all rows, to the bit
     assert torch.equal(_to_width(cls, rows, WIDTH, sample=n), centred @ vh[:WIDTH].T)
     # above it: directions from 10 items, all 40 projected 7 at a time, pairwise geometry kept
+    # (to float32's precision: the wide arithmetic is float32 there)
     monkeypatch.setattr(items, "PROJECT_ROWS", 7)
     sampled = _to_width(cls, rows, WIDTH, sample=10)
-    assert sampled.shape == (n, WIDTH) and torch.allclose(sampled @ sampled.T, centred @ centred.T, atol=1e-8)
-    assert torch.allclose(sampled.mean(0), torch.zeros(WIDTH, dtype=torch.float64), atol=1e-9)  # centred on all rows
+    assert sampled.shape == (n, WIDTH) and sampled.dtype == torch.float64
+    assert torch.allclose(sampled @ sampled.T, centred @ centred.T, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(sampled.mean(0), torch.zeros(WIDTH, dtype=torch.float64), atol=1e-5)  # centred on all rows
+
+
+def test_top_eigenvectors_are_the_largest_first():
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    scatter = basis @ torch.diag(torch.tensor([1.0, 5.0, 3.0, 0.5, 4.0, 2.0], dtype=torch.float64)) @ basis.T
+    top = items._top_eigenvectors(scatter, 3)
+    assert top.shape == (6, 3)
+    for vector, column in zip(top.T, (1, 4, 2)):  # eigenvalues 5, 4, 3
+        assert torch.allclose(vector.abs(), basis[:, column].abs(), atol=1e-10)
+    assert items._top_eigenvectors(scatter, 10).shape == (6, 6)  # more asked than there are: all
 
 
 def test_id_only_baseline_starts_random_and_reads_no_features():

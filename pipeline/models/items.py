@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Literal, Protocol
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -129,7 +131,7 @@ def initial_id_table(
     return table.to(like.dtype)
 
 
-PCA_SAMPLE = 20_000  # items whose CLS features fix the principal directions (float64: 200 MB at D = 1280)
+PCA_SAMPLE = 20_000  # items whose CLS features fix the principal directions (float32: 100 MB at D = 1280)
 PCA_SEED = 0
 PROJECT_ROWS = 8192  # items centred and projected at a time above PCA_SAMPLE
 
@@ -149,24 +151,29 @@ def _to_width(cls: torch.Tensor, rows: torch.Tensor, width: int, sample: int = P
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
         out = centred @ vh[:width].T
     else:
-        # Each block is widened into one reused float64 buffer: a fresh 84 MB block per step (at
-        # D = 1280) was mostly page faults. The same values and operations as block.double().
+        # The wide arithmetic in float32 (the features are float16): the mean, the sample's (D, D)
+        # scatter matrix and the projection; float64 only for the scatter's eigenvectors. Each
+        # block is widened into one reused buffer: a fresh block per step was mostly page faults.
         blocks = rows.split(PROJECT_ROWS)
-        buffer = torch.empty(len(blocks[0]), cls.shape[1], dtype=torch.float64)
-        mean = sum(buffer[: len(block)].copy_(cls[block]).sum(0) for block in blocks) / len(rows)
+        buffer = torch.empty(len(blocks[0]), cls.shape[1])
+        mean = (sum(buffer[: len(block)].copy_(cls[block]).sum(0).double() for block in blocks) / len(rows)).float()
         chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(PCA_SEED))[:sample].sort().values
-        centred = cls[rows[chosen]].double()
-        centred -= mean  # in place: one 205 MB sample at D = 1280, not two
-        # The top directions as eigenvectors of the (D, D) scatter matrix: for a tall sample a
-        # fraction of its SVD's work (at 100k items 14 s -> 2 s on 2 cores), other last bits.
-        _, vectors = torch.linalg.eigh(centred.T @ centred)
+        centred = cls[rows[chosen]].float().sub_(mean)
+        directions = _top_eigenvectors(centred.T @ centred, width).float()
         del centred
-        directions = vectors.flip(1)[:, :width]  # eigh sorts ascending
-        out = torch.empty(len(rows), directions.shape[1], dtype=torch.float64)
+        out = torch.empty(len(rows), directions.shape[1])
         for block, projected in zip(blocks, out.split(PROJECT_ROWS)):
-            widened = buffer[: len(block)].copy_(cls[block])
-            torch.matmul(widened.sub_(mean), directions, out=projected)
+            torch.mm(buffer[: len(block)].copy_(cls[block]).sub_(mean), directions, out=projected)
+        out = out.double()
     return nn.functional.pad(out, (0, width - out.shape[1]))  # fewer dims than width: zero-fill
+
+
+def _top_eigenvectors(scatter: torch.Tensor, k: int) -> torch.Tensor:
+    """The eigenvectors of the `k` largest eigenvalues of a symmetric (D, D) matrix, largest
+    first, (D, min(k, D)) float64: LAPACK's dsyevx computes only those (half of a full eigh)."""
+    dim = scatter.shape[0]
+    _, vectors = scipy.linalg.eigh(scatter.double().numpy(), subset_by_index=[dim - min(k, dim), dim - 1], driver="evx")
+    return torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1]))  # eigh sorts ascending
 
 
 class IMTItems(nn.Module):
