@@ -31,7 +31,7 @@ from pipeline.training import TrainConfig, checkpoint  # noqa: E402
 from pipeline.training.data import epoch_batches  # noqa: E402
 from pipeline.training.distillation import distillation_pairs, ramp_weight  # noqa: E402
 from pipeline.training.loss import log_popularity  # noqa: E402
-from pipeline.training.trainer import evaluate, ranked_users, sample_split, set_up, train_step  # noqa: E402
+from pipeline.training.trainer import evaluate, set_up, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -57,9 +57,8 @@ def main() -> None:
         train_step(model, model, optimizer, scaler, data.train[rows].to(env.device), cfg, env, weight, log_p, autocast)
         step_s.append(time.perf_counter() - started)
 
-    valid = sample_split(data.valid, ranked_users(len(data.valid.targets), cfg.valid_users, cfg.seed))
     started = time.perf_counter()
-    evaluate(model, valid, cfg.eval_batch_size)
+    evaluate(model, data.valid, cfg.eval_batch_size)  # the users that validation ranks (train.valid_users)
     validation_s = time.perf_counter() - started
     info = {"variant": cfg.model.variant, "backbone": cfg.model.backbone, "seed": cfg.seed, "max_len": cfg.model.max_len,
             "branches": list(model.branches), "branch_dim": model.branch_dim,
@@ -74,7 +73,7 @@ def main() -> None:
         "steps_per_epoch": len(batches),
         "median_step_s": round(statistics.median(step_s), 4),
         "validation_s": round(validation_s, 1),
-        "validation_users": len(valid.targets),
+        "validation_users": len(data.valid.targets),
     }))
 
 

@@ -30,10 +30,10 @@ from pipeline.scoring import ScoreConfig, score_run
 from pipeline import ddp
 from pipeline.training import TrainConfig, build_model, checkpoint, load_trained, trainer
 from pipeline.sequences import left_pad
-from pipeline.training.data import epoch_batches, load_sequences
+from pipeline.training.data import epoch_batches, load_sequences, ranked_users
 from pipeline.training.distillation import DistillConfig, distillation_terms, ramp_weight, soft_cross_entropy
 from pipeline.training.loss import BLOCKED, branch_logits, cross_entropy, in_batch, log_popularity
-from pipeline.training.trainer import evaluate, ranked_users, sample_split, set_up, train, train_step
+from pipeline.training.trainer import evaluate, set_up, train, train_step
 from tests.toy import excluded_items, full_ranks, make_toy_dataset, ragged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,9 +272,9 @@ def test_validation_users_all_up_to_the_limit_else_the_same_seeded_sample():
     assert ranked_users(943, None, seed=1) is None  # the embedded data: every user
     assert ranked_users(10_000, None, seed=1) is None
     sample = ranked_users(200_000, None, seed=1)
-    assert len(sample) == 10_000 and len(set(sample.tolist())) == 10_000 and torch.equal(sample, sample.sort().values)
-    assert torch.equal(sample, ranked_users(200_000, None, seed=1))  # every epoch, every resume
-    assert not torch.equal(sample, ranked_users(200_000, None, seed=2))
+    assert len(sample) == 10_000 and len(set(sample.tolist())) == 10_000 and np.array_equal(sample, np.sort(sample))
+    assert np.array_equal(sample, ranked_users(200_000, None, seed=1))  # every epoch, every resume
+    assert not np.array_equal(sample, ranked_users(200_000, None, seed=2))
     assert len(ranked_users(50, 7, seed=1)) == 7 and ranked_users(5, 7, seed=1) is None
     assert ranked_users(200_000, "all", seed=1) is None  # the paper's: every user
 
@@ -285,11 +285,17 @@ def test_a_validation_sample_is_what_selection_and_model_pt_report(toy, tmp_path
         model, info = train(cfg, tmp_path / "run", tmp_path / "logs")
     assert "validation ranks a seeded sample of 6 of the 16 users every epoch" in caplog.text
     assert (info["ranked_users"], info["num_users"]) == (6, 16)
-    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
-    rows = ranked_users(16, 6, cfg.seed)
+    everyone = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len)
+    sampled = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len, valid_users=6, seed=cfg.seed)
+    rows = torch.from_numpy(ranked_users(16, 6, cfg.seed))
+    assert (sampled.num_users, len(sampled.valid.targets)) == (16, 6)
     for split in ("valid", "test"):
-        sampled = evaluate(model, sample_split(getattr(data, split), rows), cfg.eval_batch_size)
-        assert info[split] == sampled != evaluate(model, getattr(data, split), cfg.eval_batch_size)
+        ranked, every = getattr(sampled, split), getattr(everyone, split)
+        # only the ranked users padded: their rows of the full split (the excluded items' padding cut to their longest)
+        assert torch.equal(ranked.inputs, every.inputs[rows]) and torch.equal(ranked.targets, every.targets[rows])
+        width = ranked.excluded.shape[1]
+        assert torch.equal(ranked.excluded, every.excluded[rows][:, -width:]) and not every.excluded[rows][:, :-width].any()
+        assert info[split] == evaluate(model, ranked, cfg.eval_batch_size) != evaluate(model, every, cfg.eval_batch_size)
     assert json.loads((tmp_path / "logs/metrics.json").read_text())["best"]["ranked_users"] == 6
 
 

@@ -19,7 +19,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from dvclive import Live
@@ -48,10 +48,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
     run_dir, log_dir = Path(run_dir), Path(log_dir)
     distill = VARIANTS[cfg.model.variant].distill and cfg.distill.ramp > 0 and bool(distillation_pairs(model.branches, cfg.distill))
     _log_plan(cfg, model, sources, distill)
-    # valid and test hold the same users in the same order (sequences.split_users), so one sample
-    ranked = ranked_users(len(data.valid.targets), cfg.valid_users, cfg.seed)
-    valid_split, test_split = sample_split(data.valid, ranked), sample_split(data.test, ranked)
-    _log_ranked_users(len(valid_split.targets), len(data.valid.targets))
+    _log_ranked_users(len(data.valid.targets), data.num_users)
 
     state = {"epoch": 0, "best_score": float("-inf"), "best_epoch": 0, "best_state": None, "bad_epochs": 0}
     inputs = checkpoint.input_digests([cfg.sequences, cfg.popularity, cfg.text_features, cfg.image_features])
@@ -82,7 +79,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         losses = _train_epoch(net, model, optimizer, scaler, data.train, cfg, env, epoch, weight, log_p, autocast, progress)
         _check_finite_weights(model, epoch)
         seconds = time.perf_counter() - started
-        valid = evaluate(model, valid_split, cfg.eval_batch_size, autocast=validation_autocast(cfg, env.device))
+        valid = evaluate(model, data.valid, cfg.eval_batch_size, autocast=validation_autocast(cfg, env.device))
         score = valid["fused"][cfg.select_metric]
         if score > state["best_score"]:
             best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -110,7 +107,7 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
     stop_reason = "patience" if patience_ran_out(cfg, state["bad_epochs"]) else "max_epochs"
     _log_stop(cfg, state["epoch"], state["best_epoch"], stop_reason)
     model.load_state_dict(state["best_state"])
-    results = {"valid": evaluate(model, valid_split, cfg.eval_batch_size), "test": evaluate(model, test_split, cfg.eval_batch_size)}
+    results = {"valid": evaluate(model, data.valid, cfg.eval_batch_size), "test": evaluate(model, data.test, cfg.eval_batch_size)}
     info = {
         "variant": cfg.model.variant,
         "backbone": cfg.model.backbone,
@@ -126,15 +123,15 @@ def train(cfg: TrainConfig, run_dir: Path, log_dir: Path, exclude_history: Exclu
         "epochs_trained": state["epoch"],
         "stop_reason": stop_reason,  # patience (early stopping) | max_epochs (train.epochs reached)
         "patience": cfg.patience,
-        "ranked_users": len(valid_split.targets),  # of num_users: the users behind valid and test below
-        "num_users": len(data.valid.targets),
+        "ranked_users": len(data.valid.targets),  # of num_users: the users behind valid and test below
+        "num_users": data.num_users,
         **results,
     }
     if env.is_main:
         checkpoint.save({"state_dict": state["best_state"], "params": params, "info": info}, run_dir / "model.pt")
         live.step = state["epoch"]
         # valid/test metrics of the kept weights, on the ranked users (the evaluate stage: all users)
-        live.summary["best"] = {"epoch": state["best_epoch"], "ranked_users": len(valid_split.targets), **results}
+        live.summary["best"] = {"epoch": state["best_epoch"], "ranked_users": len(data.valid.targets), **results}
         live.summary["stopped"] = {"epochs_trained": state["epoch"], "reason": stop_reason}
         live.make_summary()
         live.end()
@@ -180,7 +177,7 @@ def set_up(cfg: TrainConfig, exclude_history: ExcludeHistory = "all") -> RunSetu
     _deterministic(env)
     warn_without_native_bf16(cfg, env.device)
     torch.manual_seed(cfg.seed)
-    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len, exclude_history)
+    data = load_sequences(cfg.sequences, cfg.popularity, cfg.model.max_len, exclude_history, cfg.valid_users, cfg.seed)
     sources = find_sources(cfg)
     model = build_model(cfg, data.num_items, sources.used).to(env.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -345,29 +342,6 @@ def batch_losses(states, vectors, slots, branches, cfg: TrainConfig, env, log_p,
     if weight > 0:
         terms.update({f"kd_{k}": v for k, v in distillation_terms(logits, cfg.distill).items()})
     return terms
-
-
-# train.valid_users null: every user up to this many, else a seeded sample of this many
-DEFAULT_VALID_USERS = 10_000
-
-
-def ranked_users(num_users: int, valid_users: int | Literal["all"] | None, seed: int) -> torch.Tensor | None:
-    """The users (row indices, ascending) that validation during training ranks: None = all.
-    train.valid_users null: all up to DEFAULT_VALID_USERS, else that many; an integer: that many
-    (all if fewer); "all": all. A sample is drawn from the seed alone, so every epoch (and a
-    resumed run) ranks the same users."""
-    wanted = DEFAULT_VALID_USERS if valid_users is None else valid_users
-    if wanted == "all" or num_users <= wanted:
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_users, generator=generator)[:wanted].sort().values
-
-
-def sample_split(split: Split, rows: torch.Tensor | None) -> Split:
-    """The users `rows` of a split (None: the split itself)."""
-    if rows is None:
-        return split
-    return Split(split.inputs[rows], split.targets[rows], split.excluded[rows])
 
 
 @torch.no_grad()
