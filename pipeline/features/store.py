@@ -24,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,7 +272,7 @@ def present_fraction(folder: str | Path) -> float:
 def load_token_features(folder: str | Path, num_items: int | None = None, max_tokens: int | None = None) -> TokenFeatures:
     """All the tokens of a store, or only the first `max_tokens` of each item (CLS/pooled first),
     which is all a model keeps: only those columns are read, part by part, READ_ROWS rows at a
-    time, into one preallocated float16 array (the peak is that array plus one batch)."""
+    time, into one preallocated float16 array (the peak is that array plus one batch per thread)."""
     folder = Path(folder)
     index, meta = read_index(folder)
     num_tokens, dim = meta["num_tokens"], meta["dim"]
@@ -291,10 +293,11 @@ def load_token_features(folder: str | Path, num_items: int | None = None, max_to
     names, codes = np.unique(np.array(index["part"].fill_null("").to_pylist(), dtype=object), return_inverse=True)
     by_part = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[by_part], np.arange(len(names) + 1))
-    for p, name in enumerate(names):
-        items = by_part[bounds[p] : bounds[p + 1]]  # 0-based: item items[i] + 1
+
+    def read_part(p: int) -> None:
+        name, items = names[p], by_part[bounds[p] : bounds[p + 1]]  # 0-based: item items[i] + 1
         if not name and all(keys[i] is None for i in items):
-            continue  # items without input: zero tokens, present false
+            return  # items without input: zero tokens, present false
         part = _open_part(folder, name, num_tokens, dim)
         wanted = rows[items]
         if wanted.min() < 0 or wanted.max() >= part.metadata.num_rows:
@@ -303,7 +306,7 @@ def load_token_features(folder: str | Path, num_items: int | None = None, max_to
         items, wanted = items[order], wanted[order]
         try:
             start = 0
-            for batch in part.iter_batches(batch_size=READ_ROWS, columns=columns):
+            for batch in part.iter_batches(batch_size=READ_ROWS, columns=columns, use_threads=False):
                 end = start + batch.num_rows
                 hit = slice(np.searchsorted(wanted, start), np.searchsorted(wanted, end))
                 start = end
@@ -314,6 +317,12 @@ def load_token_features(folder: str | Path, num_items: int | None = None, max_to
             raise StoreError(f"{folder / name}: unreadable ({err}); rerun the feature stage (dvc repro -f)") from None
         except StoreError as err:
             raise StoreError(f"{folder / name}: {err}; rerun the feature stage (dvc repro -f text_features / image_features)") from None
+
+    # Parts fill disjoint rows: one thread per core reads them (Arrow's decoding and numpy's copies
+    # release the GIL), so the read scales with the machine's cores. map raises the first error.
+    with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1) or 1) as pool:
+        for _ in pool.map(read_part, range(len(names))):
+            pass
     # Arrow's allocator (mimalloc) keeps the pages of the decoded batches for reuse: hand them back,
     # or the training process holds them for its whole run.
     pa.default_memory_pool().release_unused()
