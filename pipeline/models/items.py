@@ -123,9 +123,9 @@ def initial_id_table(
         present = features.present.clone()
         present[0] = False
         rows = present.nonzero().squeeze(1)
-        total[rows] += _to_width(features.tokens[:, 0], rows, width)
+        total.index_add_(0, rows, _to_width(features.tokens[:, 0], rows, width))  # in place: no gathered copy
         count[rows] += 1
-    table = total / count.clamp(min=1)
+    table = total.div_(count.clamp(min=1))
     if rescale:
         table = table * like[1:].double().std() / table[1:].std().clamp(min=1e-12)
     return table.to(like.dtype)
@@ -152,20 +152,22 @@ def _to_width(cls: torch.Tensor, rows: torch.Tensor, width: int, sample: int = P
         out = centred @ vh[:width].T
     else:
         # The wide arithmetic in float32 (the features are float16): the mean, the sample's (D, D)
-        # scatter matrix and the projection; float64 only for the scatter's eigenvectors. Each
-        # block is widened into one reused buffer: a fresh block per step was mostly page faults.
+        # scatter matrix and the projection, block by block through one reused buffer (fresh
+        # memory is first-touch page faults, most of this step's time); float64 only for the
+        # scatter's eigenvectors and the narrow output.
         blocks = rows.split(PROJECT_ROWS)
         buffer = torch.empty(len(blocks[0]), cls.shape[1])
         mean = (sum(buffer[: len(block)].copy_(cls[block]).sum(0).double() for block in blocks) / len(rows)).float()
         chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(PCA_SEED))[:sample].sort().values
-        centred = cls[rows[chosen]].float().sub_(mean)
-        directions = _top_eigenvectors(centred.T @ centred, width).float()
-        del centred
-        out = torch.empty(len(rows), directions.shape[1])
+        scatter = torch.zeros(cls.shape[1], cls.shape[1])
+        for block in rows[chosen].split(PROJECT_ROWS):
+            centred = buffer[: len(block)].copy_(cls[block]).sub_(mean)
+            scatter.addmm_(centred.T, centred)
+        directions = _top_eigenvectors(scatter, width).float()
+        out = torch.empty(len(rows), directions.shape[1], dtype=torch.float64)
         for block, projected in zip(blocks, out.split(PROJECT_ROWS)):
-            torch.mm(buffer[: len(block)].copy_(cls[block]).sub_(mean), directions, out=projected)
-        out = out.double()
-    return nn.functional.pad(out, (0, width - out.shape[1]))  # fewer dims than width: zero-fill
+            projected.copy_(buffer[: len(block)].copy_(cls[block]).sub_(mean) @ directions)
+    return out if out.shape[1] == width else nn.functional.pad(out, (0, width - out.shape[1]))  # fewer dims than width: zero-fill
 
 
 def _top_eigenvectors(scatter: torch.Tensor, k: int) -> torch.Tensor:
